@@ -1,0 +1,321 @@
+"""Run configs: YAML in, validated pydantic models inside, a canonical hash out.
+
+Defaults follow Garg et al. (2022) at paper scale; CPU-scale configs override them.
+Every error is a `ConfigError` whose message is one line naming the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .families import Family, FamilyError, Mixture, build_family, build_mixture
+
+
+class ConfigError(ValueError):
+    """Invalid user input; str() is one line: ``field: what is wrong``."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CurriculumAxis(_Strict):
+    """Grow a quantity from `start` to `end` by `inc` every `interval` steps (Garg et al.)."""
+
+    start: int = Field(ge=1)
+    end: int = Field(ge=1)
+    inc: int = Field(ge=0)
+    interval: int = Field(ge=1)
+
+    def at(self, step: int) -> int:
+        return min(self.end, self.start + self.inc * (step // self.interval))
+
+
+class Curriculum(_Strict):
+    """Garg et al.: dims 5 -> 20 (+1 every 2000 steps), points 11 -> 41 (+2 every 2000 steps)."""
+
+    dims: CurriculumAxis | None = None
+    points: CurriculumAxis | None = None
+
+
+class DataConfig(_Strict):
+    dim: int = Field(20, ge=1)
+    n_points: int = Field(41, ge=1)
+    noise_std: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    mixture: list[dict[str, Any]] = Field(default_factory=lambda: [{"family": "linear", "weight": 1.0}])
+    curriculum: Curriculum | None = None  # off by default; Garg's schedule is `garg_curriculum()`
+
+    @field_validator("mixture", mode="before")
+    @classmethod
+    def _canonical_mixture(cls, v: Any) -> Any:
+        try:
+            return build_mixture(v).to_spec()
+        except FamilyError as e:
+            raise _FieldError(e.field, e.message) from None
+
+    @model_validator(mode="after")
+    def _check_dims(self) -> DataConfig:
+        try:
+            self.family.check(self.dim)
+        except FamilyError as e:
+            raise _FieldError("mixture" + _join(e.field), e.message) from None
+        c = self.curriculum
+        if c and c.dims and c.dims.end > self.dim:
+            raise _FieldError("curriculum.dims.end", f"{c.dims.end} exceeds dim={self.dim}")
+        if c and c.points and c.points.end > self.n_points:
+            raise _FieldError("curriculum.points.end", f"{c.points.end} exceeds n_points={self.n_points}")
+        return self
+
+    @property
+    def family(self) -> Mixture:
+        return build_mixture(self.mixture)
+
+    def dims_at(self, step: int) -> int:
+        c = self.curriculum
+        return c.dims.at(step) if c and c.dims else self.dim
+
+    def points_at(self, step: int) -> int:
+        c = self.curriculum
+        return c.points.at(step) if c and c.points else self.n_points
+
+
+class ModelConfigSpec(_Strict):
+    """Transformer size (paper and Garg et al.: 12 layers, 8 heads, 256 dims)."""
+
+    n_layer: int = Field(12, ge=1)
+    n_head: int = Field(8, ge=1)
+    n_embd: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfigSpec:
+        if self.n_embd % self.n_head:
+            raise _FieldError("n_embd", f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Adam(W) training; defaults are Garg et al.'s (lr 1e-4 constant, batch 64, 500k steps)."""
+
+    steps: int = Field(500_000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0.0, allow_inf_nan=False)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables; Garg et al. did not clip, clipping only guards spikes
+    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+
+
+ESTIMATORS = ("model", "zero", "averaging", "ols", "ridge", "lasso", "knn", "bayes_pretrain", "bayes_task")
+
+
+class EvalConfig(_Strict):
+    """Evaluation after training: the same prompts for the model and every estimator (Garg: 1280 prompts)."""
+
+    n_prompts: int = Field(1280, ge=2)
+    seed: int = 12345
+    n_points: int | None = Field(None, ge=1)  # default: data.n_points
+    tasks: list[dict[str, Any]] = Field(default_factory=list)  # empty: each pretraining component
+    estimators: list[str] = Field(default_factory=lambda: list(ESTIMATORS))
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _canonical_tasks(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            raise _FieldError("", "must be a list of family specs like {family: linear}")
+        out = []
+        for i, spec in enumerate(v):
+            try:
+                out.append(task_family(spec).to_spec())
+            except FamilyError as e:
+                raise _FieldError(f"[{i}]" + _join(e.field), e.message) from None
+        return out
+
+    @field_validator("estimators")
+    @classmethod
+    def _known_estimators(cls, v: list[str]) -> list[str]:
+        for i, name in enumerate(v):
+            if name not in ESTIMATORS:
+                raise _FieldError(f"[{i}]", f"unknown estimator {name!r} (known: {', '.join(ESTIMATORS)})")
+        return v
+
+
+def task_family(spec: Any) -> Family:
+    """An eval task: a family spec, or a list of weighted specs for a mixture prior."""
+    if isinstance(spec, list):
+        return build_mixture(spec)
+    return build_family(spec)
+
+
+class RunConfig(_Strict):
+    """One training run: seed, data, model, train and an optional eval section."""
+
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfigSpec = Field(default_factory=ModelConfigSpec)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_eval(self) -> RunConfig:
+        if self.eval is None:
+            return self
+        for i, spec in enumerate(self.eval.tasks):
+            try:
+                task_family(spec).check(self.data.dim)
+            except FamilyError as e:
+                raise _FieldError(f"eval.tasks[{i}]" + _join(e.field), e.message) from None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.to_dict())
+
+    def eval_tasks(self) -> list[Family]:
+        """The eval tasks; by default each component of the pretraining mixture."""
+        if self.eval and self.eval.tasks:
+            return [task_family(t) for t in self.eval.tasks]
+        return list(self.data.family.components)
+
+
+class _FieldError(ValueError):
+    """Raised inside validators; carries a field path relative to the validated value."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def _join(field: str) -> str:
+    return field if field.startswith("[") or not field else "." + field
+
+
+def _loc_path(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out
+
+
+def _from_validation_error(err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    path = _loc_path(first["loc"])
+    ctx_err = (first.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _FieldError):
+        path += _join(ctx_err.field)
+        return ConfigError(path, ctx_err.message)
+    if first["type"] == "extra_forbidden":
+        return ConfigError(path, "unknown key")
+    if first["type"] == "missing":
+        return ConfigError(path, "required")
+    msg = first["msg"].removeprefix("Value error, ")
+    return ConfigError(path, f"{msg} (got {first.get('input')!r})" if "input" in first else msg)
+
+
+def validate_run_config(data: Any) -> RunConfig:
+    """Validate plain data as a run config, raising ConfigError naming the field."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("", "a run config must be a YAML mapping with data/model/train sections")
+    try:
+        return RunConfig.model_validate(dict(data))
+    except ValidationError as e:
+        raise _from_validation_error(e) from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``dotted.key=value`` with the value parsed as YAML (so numbers, lists and maps work)."""
+    if "=" not in item:
+        raise ConfigError("--set", f"expected dotted.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested dicts, creating intermediate mappings."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(key, "not a valid dotted key")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is not a section, cannot set a key inside it")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file, turning a missing or malformed file into a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(path), "no such file")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "malformed YAML"
+        raise ConfigError(str(path), f"{problem}{where}") from None
+
+
+def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
+    """Load a YAML run config and apply ``--set dotted.key=value`` overrides."""
+    data = read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "a run config must be a YAML mapping")
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+    return validate_run_config(data)
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def config_hash(data: Mapping[str, Any]) -> str:
+    """A stable short hash of a resolved config (key order and formatting do not matter)."""
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
+
+
+def garg_curriculum() -> Curriculum:
+    """Garg et al.'s curriculum for d = 20, 41 points."""
+    return Curriculum(
+        dims=CurriculumAxis(start=5, end=20, inc=1, interval=2000),
+        points=CurriculumAxis(start=11, end=41, inc=2, interval=2000),
+    )
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,139 @@
+"""The in-context learner: a GPT-2 decoder over the prompt x1, y1, x2, y2, ..., xn (nanoGPT style).
+
+Token layout (Garg et al.): x_i is a d-vector, y_i the d-vector (y_i, 0, ..., 0); one shared linear
+read-in; a linear read-out at every x position predicts y_i from x_1, y_1, ..., x_i. The last y is never
+fed (nothing reads it), so a prompt of n points is 2n - 1 tokens and every parameter is used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 20  # input dimension d
+    max_points: int = 41  # longest prompt (n points -> 2n - 1 tokens)
+    n_layer: int = 12
+    n_head: int = 8
+    n_embd: int = 256
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # fused q, k, v
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's gelu
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class ICLTransformer(nn.Module):
+    """GPT-2 decoder with a linear read-in of (x | y) tokens and a scalar read-out at x positions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.read_in = nn.Linear(cfg.dim, cfg.n_embd)
+        self.wpe = nn.Embedding(2 * cfg.max_points - 1, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.read_out = nn.Linear(cfg.n_embd, 1)
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @staticmethod
+    def interleave(xs: Tensor, ys: Tensor) -> Tensor:
+        """(B, n, d), (B, n) -> (B, 2n - 1, d): x1, (y1,0..), x2, ..., xn."""
+        B, n, d = xs.shape
+        ys_wide = torch.zeros_like(xs)
+        ys_wide[:, :, 0] = ys
+        return torch.stack((xs, ys_wide), dim=2).reshape(B, 2 * n, d)[:, :-1]
+
+    def forward(self, xs: Tensor, ys: Tensor) -> Tensor:
+        """Predictions (B, n): entry i uses x_1, y_1, ..., x_i only."""
+        n = xs.shape[1]
+        if n > self.cfg.max_points:
+            raise ValueError(f"prompt of {n} points exceeds the model's max_points={self.cfg.max_points}")
+        tokens = self.interleave(xs, ys)
+        pos = torch.arange(tokens.shape[1], device=xs.device)
+        h = self.read_in(tokens) + self.wpe(pos)
+        for block in self.blocks:
+            h = block(h)
+        h = self.ln_f(h[:, ::2])  # only x positions are read out
+        return self.read_out(h).squeeze(-1)
+
+    @torch.no_grad()
+    def predict(self, xs: Tensor, ys: Tensor) -> Tensor:
+        """The estimator interface shared with every baseline: a prediction at every position."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(xs.to(self.read_in.weight.dtype), ys.to(self.read_in.weight.dtype)).to(ys.dtype)
+        finally:
+            self.train(was_training)
+
+    def flops_per_step(self, n_points: int, batch_size: int) -> float:
+        """Model FLOPs of one training step (forward + backward = 3x forward), as in the PaLM/nanoGPT estimate."""
+        T = 2 * n_points - 1
+        C, L = self.cfg.n_embd, self.cfg.n_layer
+        matmul_params = L * 12 * C * C + self.cfg.dim * C + C
+        per_token = 2 * matmul_params + L * 2 * 2 * T * C / 2  # causal attention does half the T x T work
+        return 3.0 * per_token * T * batch_size

@@ -1,0 +1,275 @@
+"""Training: fresh prompts every step, Adam(W), a pure lr schedule, atomic checkpoints, exact resume.
+
+On CPU a run killed at any moment and resumed from its last checkpoint ends bit-identical to an
+uninterrupted one: the checkpoint carries model, optimizer, step and the data generator's state, and
+metrics rows past the checkpoint are dropped on resume (they are re-logged identically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from .config import ConfigError, RunConfig, TrainConfig, dump_yaml, validate_run_config
+from .families import sample_prompts
+from .model import ICLTransformer, ModelConfig
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.csv"
+CONFIG = "config.yaml"
+METRIC_FIELDS = ("step", "loss", "lr", "n_dims", "n_points", "time_s")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"training loss became non-finite ({loss}) at step {step}")
+        self.step = step
+
+
+class TrainCallback(Protocol):
+    """Hooks for sweeps (Ray, MLflow) so icl_core itself imports neither."""
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None: ...
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or cosine decay."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", "cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def model_config(cfg: RunConfig) -> ModelConfig:
+    return ModelConfig(
+        dim=cfg.data.dim,
+        max_points=max(cfg.data.n_points, (cfg.eval.n_points or 0) if cfg.eval else 0),
+        n_layer=cfg.model.n_layer,
+        n_head=cfg.model.n_head,
+        n_embd=cfg.model.n_embd,
+    )
+
+
+def build_model(cfg: RunConfig) -> ICLTransformer:
+    """The model with its seeded initial weights (on CPU, so init does not depend on the device)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return ICLTransformer(model_config(cfg))
+
+
+def build_optimizer(model: ICLTransformer, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; with weight_decay 0 this is Adam, as in Garg et al. Decay skips biases and LayerNorm gains."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **extra)
+
+
+def data_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The generator of every training prompt (kept apart from the init seed)."""
+    return torch.Generator(device=device).manual_seed(seed + 1_000_003)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write-then-rename, so a reader (or a resume after SIGKILL) never sees a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ICLTransformer, RunConfig]:
+    """The trained model and resolved config of a run directory (config travels in the checkpoint)."""
+    ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT, map_location=device)
+    cfg = validate_run_config(ckpt["config"])
+    model = ICLTransformer(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), cfg
+
+
+@dataclass
+class TrainResult:
+    model: ICLTransformer
+    config: RunConfig
+    out_dir: Path
+    step: int
+    final_loss: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _truncate_metrics(path: Path, max_step: int) -> None:
+    """Keep only complete rows up to `max_step` (rows past the checkpoint are re-logged on resume)."""
+    rows: list[dict[str, str]] = []
+    if path.exists():
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if None in row.values() or None in row:
+                    break  # a line cut by the kill
+                try:
+                    if int(row["step"]) <= max_step:
+                        rows.append(row)
+                except (TypeError, ValueError):
+                    break
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    callbacks: Sequence[TrainCallback] = (),
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train one model into `out_dir` (config.yaml, metrics.csv, checkpoint.pt).
+
+    `extra` is stored in every checkpoint and returned on resume (sweeps keep their MLflow run id there).
+    """
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists() and not resume:
+        raise ConfigError("--out", f"{out} already holds a run; pass --resume to continue it or pick a new dir")
+    device = resolve_device(cfg.train.device)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model = build_model(cfg).to(device)
+    optimizer = build_optimizer(model, cfg.train, device)
+    gen = data_generator(cfg.seed, device)
+    step = 0
+    extra = dict(extra or {})
+    last: dict[str, float] = {}
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        if ckpt["config_hash"] != cfg.config_hash:
+            raise ConfigError(
+                "--resume", f"{ckpt_path} was written by another config (hash {ckpt['config_hash']})"
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["data_rng"].to(gen.get_state().device))
+        step = ckpt["step"]
+        extra = {**ckpt.get("extra", {}), **extra}
+        last = dict(ckpt.get("metrics", {}))
+    atomic_write_text(out / CONFIG, dump_yaml(cfg))
+    _truncate_metrics(out / METRICS, step)
+
+    tc = cfg.train
+    forward = torch.compile(model) if tc.compile else model
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+    loss_val = float("nan")
+    start = time.perf_counter()
+    bar = _progress_bar(tc.steps, step, progress)
+    model.train()
+    with open(out / METRICS, "a", newline="") as metrics_file:
+        writer = csv.DictWriter(metrics_file, fieldnames=METRIC_FIELDS)
+        while step < tc.steps:
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            n_dims, n_points = cfg.data.dims_at(step), cfg.data.points_at(step)
+            xs, ys = sample_prompts(
+                cfg.data.family, tc.batch_size, n_points, cfg.data.dim, gen, cfg.data.noise_std, n_dims
+            )
+            with autocast:
+                pred = forward(xs, ys)
+            loss = (pred.float() - ys).square().mean()
+            loss_val = loss.item()
+            if not math.isfinite(loss_val):
+                raise NonFiniteLossError(step + 1, loss_val)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            step += 1
+
+            if step % tc.log_every == 0 or step == 1 or step == tc.steps:
+                last = {"loss": loss_val, "lr": lr, "n_dims": n_dims, "n_points": n_points}
+                writer.writerow({"step": step, **last, "time_s": round(time.perf_counter() - start, 3)})
+                metrics_file.flush()
+                for cb in callbacks:
+                    cb.on_log(step, last)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_val:.4f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                os.fsync(metrics_file.fileno())  # rows up to the checkpoint must survive a kill
+                _save(out, model, optimizer, gen, step, cfg, extra, last)
+                for cb in callbacks:
+                    cb.on_checkpoint(step, ckpt_path, last)
+    if bar is not None:
+        bar.close()
+    return TrainResult(model, cfg, out, step, last.get("loss", loss_val), extra)
+
+
+def _save(out: Path, model, optimizer, gen, step, cfg: RunConfig, extra, metrics) -> None:
+    atomic_torch_save(
+        {
+            "step": step,
+            "model": model.state_dict(),
+            "model_config": model.cfg.to_dict(),
+            "optimizer": optimizer.state_dict(),
+            "data_rng": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "config": cfg.to_dict(),
+            "config_hash": cfg.config_hash,
+            "extra": extra,
+            "metrics": metrics,
+        },
+        out / CHECKPOINT,
+    )
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)

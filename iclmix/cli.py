@@ -1,0 +1,34 @@
+"""The `iclmix` console command: one parser, subcommands contributed by each package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from icl_core.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from icl_core import cli as core_cli
+
+    parser = argparse.ArgumentParser(prog="iclmix", description="ICL Mixtures: pretraining-coverage sweeps.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    core_cli.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"iclmix: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("iclmix: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
