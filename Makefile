@@ -22,6 +22,7 @@ demo: setup
 	$(PY) -m iclmix.demo
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 lint: setup

@@ -224,7 +224,7 @@ def _from_validation_error(err: ValidationError) -> ConfigError:
     path = _loc_path(first["loc"])
     ctx_err = (first.get("ctx") or {}).get("error")
     if isinstance(ctx_err, _FieldError):
-        path += _join(ctx_err.field)
+        path = path + _join(ctx_err.field) if path else ctx_err.field
         return ConfigError(path, ctx_err.message)
     if first["type"] == "extra_forbidden":
         return ConfigError(path, "unknown key")

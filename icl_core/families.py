@@ -44,7 +44,7 @@ class Family(ABC):
     def sample(self, n: int, dim: int, generator: torch.Generator, active_dim: int | None = None) -> Functions:
         """Draw `n` independent functions of R^dim (reading only the first `active_dim` coordinates)."""
 
-    def check(self, dim: int) -> None:
+    def check(self, dim: int) -> None:  # noqa: B027 (a hook: most families fit any dim)
         """Raise FamilyError if the family cannot be used at input dimension `dim`."""
 
     def params(self) -> dict[str, Any]:

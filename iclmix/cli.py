@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from icl_core.config import ConfigError
+from icl_core.train import NonFiniteLossError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"iclmix: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"iclmix: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("iclmix: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,35 @@
+"""Shared test helpers: run the real `iclmix` CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "configs" / "example.yaml"
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true", OMP_NUM_THREADS="1")
+    return env
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m iclmix ARGS` and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "iclmix", *map(str, args)],
+        cwd=cwd or ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def example_config() -> Path:
+    return EXAMPLE

@@ -1,0 +1,135 @@
+"""Training: schedules, a falling loss, non-finite guard, and bit-identical resume after SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, cli_env, run_cli
+
+from icl_core.config import TrainConfig, validate_run_config
+from icl_core.train import CHECKPOINT, METRICS, lr_at, train
+
+
+def tiny(**train_kw) -> dict:
+    return {
+        "seed": 3,
+        "data": {"dim": 5, "n_points": 11, "mixture": [{"family": "linear", "weight": 0.5},
+                                                       {"family": "sparse_linear", "nnz": 1, "weight": 0.5}]},
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
+        "train": {"steps": 300, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 50, **train_kw},
+    }
+
+
+def test_lr_schedule_is_a_pure_function_of_the_step():
+    const = TrainConfig(lr=1e-3, steps=100)
+    assert [lr_at(s, const) for s in (0, 50, 99)] == [1e-3] * 3
+    cos = TrainConfig(lr=1e-3, steps=110, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cos) == pytest.approx(1e-4) and lr_at(9, cos) == pytest.approx(1e-3)
+    assert lr_at(10, cos) == pytest.approx(1e-3)
+    assert lr_at(60, cos) == pytest.approx(0.55e-3)
+    assert lr_at(110, cos) == pytest.approx(1e-4)
+    lrs = [lr_at(s, cos) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_curriculum_grows_dims_and_points():
+    cfg = validate_run_config({**tiny(), "data": {**tiny()["data"], "dim": 8, "curriculum": {
+        "dims": {"start": 2, "end": 8, "inc": 1, "interval": 10},
+        "points": {"start": 5, "end": 11, "inc": 2, "interval": 10}}}})
+    assert [cfg.data.dims_at(s) for s in (0, 9, 10, 55, 1000)] == [2, 2, 3, 7, 8]
+    assert [cfg.data.points_at(s) for s in (0, 10, 20, 30, 1000)] == [5, 7, 9, 11, 11]
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_short_run_loss_falls(tmp_path):
+    # d = 1 leaves the in-context-learning plateau within a few hundred steps (d = 3 needs ~2 500).
+    data = {"dim": 1, "n_points": 6, "mixture": [{"family": "linear"}]}
+    cfg = validate_run_config({**tiny(steps=600, log_every=10, lr=3e-3, batch_size=64), "data": data})
+    result = train(cfg, tmp_path / "run", progress=False)
+    losses = [float(r["loss"]) for r in read_metrics(tmp_path / "run" / METRICS)]
+    first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+    assert result.step == 600
+    ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)
+    assert ckpt["step"] == 600 and ckpt["config"] == cfg.to_dict() and ckpt["config_hash"] == cfg.config_hash
+    assert {"model", "optimizer", "data_rng", "torch_rng"} <= set(ckpt)
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(lr=1e30, grad_clip=0.0, steps=200)))
+    r = run_cli("train", cfg, "--out", tmp_path / "run", "--no-progress")
+    assert r.returncode == 1
+    line = r.stderr.strip().splitlines()[-1]
+    assert "non-finite" in line and "at step" in line and "Traceback" not in r.stderr
+
+
+def test_existing_run_needs_resume_and_the_same_config(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(steps=20, checkpoint_every=10)))
+    assert run_cli("train", cfg, "--out", tmp_path / "run", "--no-progress").returncode == 0
+    r = run_cli("train", cfg, "--out", tmp_path / "run", "--no-progress")
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = run_cli("train", cfg, "--out", tmp_path / "run", "--resume", "--set", "seed=9", "--no-progress")
+    assert r.returncode == 2 and "another config" in r.stderr
+    r = run_cli("train", cfg, "--out", tmp_path / "run", "--resume", "--no-progress")
+    assert r.returncode == 0 and "trained 20 steps" in r.stdout
+
+
+def _start(cfg: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "iclmix", "train", str(cfg), "--out", str(out), "--resume", "--no-progress"],
+        cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def _rows(path: Path) -> int:
+    try:
+        return max(0, path.read_bytes().count(b"\n") - 1)
+    except FileNotFoundError:
+        return 0
+
+
+def test_sigkill_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    """SIGKILL a real training process at random steps (before the first checkpoint and between later
+    ones), resume each time, and compare weights and logged losses bit for bit with an uninterrupted run."""
+    steps = 300
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(steps=steps, checkpoint_every=25, log_every=1)))
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    assert run_cli("train", cfg, "--out", ref, "--no-progress").returncode == 0
+
+    rng = random.Random(0)
+    kill_at = [rng.randint(3, 20), rng.randint(40, 140), rng.randint(160, 280)]  # logged steps
+    for target in kill_at:
+        proc = _start(cfg, killed)
+        deadline = time.monotonic() + 120
+        while _rows(killed / METRICS) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert _start(cfg, killed).wait() == 0
+
+    a = torch.load(ref / CHECKPOINT, weights_only=False)
+    b = torch.load(killed / CHECKPOINT, weights_only=False)
+    assert a["step"] == b["step"] == steps
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    ra, rb = read_metrics(ref / METRICS), read_metrics(killed / METRICS)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [str(s) for s in range(1, steps + 1)]
+    assert [(r["loss"], r["lr"]) for r in ra] == [(r["loss"], r["lr"]) for r in rb]
