@@ -219,7 +219,7 @@ def _loc_path(loc: Iterable[Any]) -> str:
     return out
 
 
-def _from_validation_error(err: ValidationError) -> ConfigError:
+def from_validation_error(err: ValidationError) -> ConfigError:
     first = err.errors()[0]
     path = _loc_path(first["loc"])
     ctx_err = (first.get("ctx") or {}).get("error")
@@ -241,7 +241,7 @@ def validate_run_config(data: Any) -> RunConfig:
     try:
         return RunConfig.model_validate(dict(data))
     except ValidationError as e:
-        raise _from_validation_error(e) from None
+        raise from_validation_error(e) from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:

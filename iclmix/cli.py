@@ -11,10 +11,12 @@ from icl_core.train import NonFiniteLossError
 
 def build_parser() -> argparse.ArgumentParser:
     from icl_core import cli as core_cli
+    from sweeps import cli as sweep_cli
 
     parser = argparse.ArgumentParser(prog="iclmix", description="ICL Mixtures: pretraining-coverage sweeps.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     core_cli.add_commands(sub)
+    sweep_cli.add_commands(sub)
     return parser
 
 
@@ -29,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"iclmix: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `iclmix sweep plan F | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("iclmix: interrupted", file=sys.stderr)
         return 130

@@ -22,12 +22,23 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m iclmix ARGS` and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "iclmix", *map(str, args)],
-        cwd=cwd or ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd or ROOT, env={**cli_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (sqlite + proxied artifacts), stopped by PID at the end."""
+    from sweeps.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), fate_share=False).start(timeout=180)
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,35 @@
+"""`iclmix sweep plan|run`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="plan or run a sweep file on Ray Tune")
+    ssub = p.add_subparsers(dest="sweep_command", required=True, metavar="SUBCOMMAND")
+
+    plan = ssub.add_parser("plan", help="print cells, seeds, trial count and compute; runs nothing")
+    plan.add_argument("file", help="sweep file (YAML)")
+    plan.set_defaults(func=cmd_plan)
+
+    run = ssub.add_parser("run", help="run, resume or extend a sweep (finished trials are skipped)")
+    run.add_argument("file", help="sweep file (YAML)")
+    run.add_argument("--address", help="Ray address to join, e.g. 'auto' on a cluster (default: private local Ray)")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under the sweep's folder)")
+    run.add_argument("--storage", help="folder or URI for checkpoints and Ray results (default: ./runs)")
+    run.set_defaults(func=cmd_run)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .spec import load_sweep, plan_text
+
+    spec, trials = load_sweep(args.file)
+    print(plan_text(spec, trials))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run_sweep
+
+    return run_sweep(args.file, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage)

@@ -1,0 +1,355 @@
+"""`iclmix sweep run`: validate, skip what MLflow already has FINISHED, run the rest on Ray Tune.
+
+Resume and extend are the same command: trials are keyed by config hash, finished ones are skipped,
+interrupted ones continue from their last checkpoint. With a `tune:` section each grid cell gets an
+Optuna study (ask/tell, stored in sqlite so it survives the driver), run in rounds across all cells.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from icl_core.config import ConfigError
+
+from . import tracking as tr
+from .spec import SweepSpec, Trial, load_sweep, resolve, trial_count
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+@dataclass
+class SweepContext:
+    spec: SweepSpec
+    root: str  # the sweep's storage folder (local path or URI)
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    git_commit: str
+    failed: dict[str, str] = field(default_factory=dict)  # hash -> reason
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def sweep_root(spec: SweepSpec, storage: str | None) -> str:
+    base = storage or os.environ.get("ICLMIX_STORAGE") or "runs"
+    if _is_uri(base):
+        return f"{base.rstrip('/')}/{spec.name}"
+    return str((Path(base) / spec.name).resolve())
+
+
+def local_state_dir(spec: SweepSpec) -> Path:
+    """Driver-side state (the Optuna studies) when the sweep's storage is a remote URI."""
+    path = Path("runs") / spec.name
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def _payload(ctx: SweepContext, trial: Trial, parent_id: str, search: dict[str, Any] | None = None) -> dict:
+    return {
+        "config": trial.config.to_dict(),
+        "hash": trial.hash,
+        "name": f"{trial.cell.id}-s{trial.seed}-{trial.hash[:6]}",
+        "cell": trial.cell.id,
+        "cell_label": trial.cell.label,
+        "seed": trial.seed,
+        "search": json.dumps(search or {}, sort_keys=True),
+        "sweep": ctx.spec.name,
+        "tracking_uri": ctx.tracking_uri,
+        "experiment_id": ctx.experiment_id,
+        "parent_run_id": parent_id,
+        "git_commit": ctx.git_commit,
+        "store": ctx.root,
+        "cpus": ctx.spec.resources.cpu,
+        "gpus": ctx.spec.resources.gpu,
+    }
+
+
+class Progress:
+    """A live one-line summary of the sweep, printed as trials report and at most every few seconds."""
+
+    def __init__(self, name: str, total: int, already: int, every: float = 10.0):
+        self.name, self.total, self.done, self.every = name, total, already, every
+        self.failed = 0
+        self.running: dict[str, float] = {}
+        self.start = self.last = time.monotonic()
+
+    def line(self) -> str:
+        run = " ".join(f"{p:.0%}" for p in sorted(self.running.values(), reverse=True)[:8])
+        elapsed = time.monotonic() - self.start
+        return (f"[{self.name}] {self.done}/{self.total} finished, {len(self.running)} running"
+                + (f" ({run})" if run else "") + f", {self.failed} failed, {elapsed:.0f}s")
+
+    def emit(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.every:
+            self.last = now
+            print(self.line(), flush=True)
+
+
+def _callback(progress: Progress):
+    from ray import tune
+
+    class ProgressCallback(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            progress.running[trial.trial_id] = float(result.get("progress", 0.0))
+            progress.emit()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            progress.running.pop(trial.trial_id, None)
+            failed = bool((trial.last_result or {}).get("iclmix_failed"))
+            progress.failed += failed
+            progress.done += not failed
+            progress.emit(force=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            progress.running.pop(trial.trial_id, None)
+            progress.failed += 1
+            progress.emit(force=True)
+
+        def on_step_end(self, iteration, trials, **info):
+            progress.emit()
+
+    return ProgressCallback()
+
+
+def _run_round(ctx: SweepContext, payloads: list[dict], progress: Progress, round_name: str) -> None:
+    from ray import tune
+
+    from .trial import run_trial
+
+    if not payloads:
+        return
+    spec = ctx.spec
+    trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    storage = f"{ctx.root}/ray" if _is_uri(ctx.root) else str(Path(ctx.root) / "ray")
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(payloads)},
+        tune_config=tune.TuneConfig(
+            trial_name_creator=lambda t: t.config["trial"]["name"],
+            trial_dirname_creator=lambda t: t.config["trial"]["name"],
+        ),
+        run_config=tune.RunConfig(
+            name=round_name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[_callback(progress)],
+            verbose=0,
+        ),
+    )
+    grid = tuner.fit()
+    for result in grid:
+        payload = result.config["trial"] if result.config else None
+        if payload is None:
+            continue
+        if result.error is not None:
+            ctx.failed[payload["hash"]] = f"{type(result.error).__name__}: {result.error}".splitlines()[0]
+        elif (result.metrics or {}).get("iclmix_failed"):
+            ctx.failed[payload["hash"]] = str(result.metrics.get("error", "failed"))
+
+
+def _grid_round(ctx: SweepContext, trials: list[Trial], done: set[str], progress: Progress) -> None:
+    pending = [_payload(ctx, t, ctx.parent_run_id) for t in trials if t.hash not in done]
+    _run_round(ctx, pending, progress, f"{ctx.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _suggest(trial, key: str, param) -> Any:
+    kind, value = param.kind()
+    if kind == "loguniform":
+        return trial.suggest_float(key, value[0], value[1], log=True)
+    if kind == "uniform":
+        return trial.suggest_float(key, value[0], value[1])
+    if kind == "int":
+        return trial.suggest_int(key, value[0], value[1])
+    return trial.suggest_categorical(key, value)
+
+
+def _optuna_rounds(ctx: SweepContext, trials: list[Trial], progress: Progress) -> None:
+    """Each cell's study asks for one sample per round; every seed of the sample is a trial."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec, tune_spec = ctx.spec, ctx.spec.tune
+    assert tune_spec is not None
+    client = MlflowClient(ctx.tracking_uri)
+    storage = f"sqlite:///{local_state_dir(spec) if _is_uri(ctx.root) else Path(ctx.root)}/optuna.db"
+    cells = {}
+    for t in trials:
+        cells.setdefault(t.cell.id, t.cell)
+    direction = "minimize" if tune_spec.mode == "min" else "maximize"
+    studies, cell_runs = {}, {}
+    for cid, cell in cells.items():
+        studies[cid] = optuna.create_study(
+            study_name=f"{spec.name}-{cid}", storage=storage, load_if_exists=True, direction=direction,
+            sampler=optuna.samplers.TPESampler(seed=int(cid, 16) % 2**31, n_startup_trials=2),
+        )
+        cell_runs[cid] = tr.ensure_run(
+            client, ctx.experiment_id, sweep=spec.name, role="cell", name=f"cell-{cid}",
+            parent_id=ctx.parent_run_id, match={"cell": cid},
+            tags={tr.TAG_CELL: cid, tr.TAG_CELL_LABEL: cell.label, tr.TAG_COMMIT: ctx.git_commit},
+        )
+
+    for round_no in range(tune_spec.trials_per_cell):
+        batch: list[tuple[str, Any, list[Trial]]] = []
+        for cid, cell in cells.items():
+            study = studies[cid]
+            open_trials = [ft for ft in study.get_trials(deepcopy=False)
+                           if ft.state == optuna.trial.TrialState.RUNNING]
+            if open_trials:  # asked before the driver died: run exactly those params again
+                ot = open_trials[0]
+                handle, params = ot.number, dict(ot.params)
+            elif len(study.trials) < tune_spec.trials_per_cell:
+                ot = study.ask()
+                params = {k: _suggest(ot, k, p) for k, p in tune_spec.params.items()}
+                handle = ot.number
+            else:
+                continue
+            seeds = [resolve(spec.base, {**dict(cell.overrides), **params, "seed": s},
+                             f"grid cell [{cell.label}]") for s in spec.seeds]
+            batch.append((cid, (handle, params), [Trial(c, cell, s, params) for c, s in zip(seeds, spec.seeds)]))
+        if not batch:
+            break
+        done = tr.finished_hashes(client, ctx.experiment_id, spec.name)
+        payloads = [_payload(ctx, t, cell_runs[cid], {**params, "optuna_trial": handle})
+                    for cid, (handle, params), ts in batch for t in ts if t.hash not in done]
+        _run_round(ctx, payloads, progress, f"{spec.name}-r{round_no}-{time.strftime('%Y%m%d-%H%M%S')}")
+        for cid, (handle, _), ts in batch:
+            values = []
+            for t in ts:
+                runs = tr.find_runs(client, ctx.experiment_id, spec.name, "trial", config_hash=t.hash)
+                fin = [r for r in runs if r.info.status == "FINISHED"]
+                v = fin[0].data.metrics.get(tune_spec.metric) if fin else None
+                if v is not None and math.isfinite(v):
+                    values.append(v)
+            study = studies[cid]
+            if len(values) == len(ts):
+                study.tell(handle, sum(values) / len(values))
+            else:
+                study.tell(handle, state=optuna.trial.TrialState.FAIL)
+    for cid, study in studies.items():
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if complete:
+            best = study.best_trial
+            tr.set_tags(client, cell_runs[cid], {"iclmix.best_params": json.dumps(best.params, sort_keys=True)})
+            client.log_metric(cell_runs[cid], f"best_{tune_spec.metric}", best.value)
+        tr.end_run(client, cell_runs[cid], "FINISHED" if complete else "FAILED")
+
+
+def _init_ray(address: str | None) -> str | None:
+    """Join `address` (e.g. "auto" on a cluster or under `ray job submit`), else a private local runtime."""
+    import ray
+
+    env = dict(QUIET_ENV)
+    if os.environ.get("ICLMIX_FAULT_ONCE"):
+        env["ICLMIX_FAULT_ONCE"] = os.environ["ICLMIX_FAULT_ONCE"]
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return None
+    tmp = tempfile.mkdtemp(prefix="iclray-", dir="/tmp")
+    ray.init(address="local", _temp_dir=tmp, include_dashboard=False, runtime_env={"env_vars": env},
+             log_to_driver=True)
+    return tmp
+
+
+def run_sweep(
+    path: str | Path,
+    *,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+) -> int:
+    """Run (or resume, or extend) a sweep; returns the process exit status."""
+    spec, trials = load_sweep(path)  # every input error surfaces here, before anything launches
+    root = sweep_root(spec, storage)
+    if tracking_uri is None and _is_uri(root):
+        raise ConfigError("--tracking-uri", "required when --storage is a URI (the default is a local sqlite file)")
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = "auto"  # submitted with `ray job submit`
+
+    from mlflow.tracking import MlflowClient
+
+    from .mlflow_server import MlflowServer
+
+    if not _is_uri(root):
+        Path(root).mkdir(parents=True, exist_ok=True)
+    server = None
+    if tracking_uri is None:
+        server = MlflowServer(Path(root), proxy_artifacts=False).start()
+        tracking_uri = server.uri
+        print(f"[{spec.name}] MLflow: {server.backend_uri} (served at {server.uri} while the sweep runs)", flush=True)
+    ray_tmp = None
+    try:
+        client = MlflowClient(tracking_uri)
+        exp_id = tr.experiment_id(client, spec.name)
+        commit = tr.git_commit(ROOT)
+        parent = tr.ensure_run(client, exp_id, sweep=spec.name, role="parent", name=spec.name,
+                               tags={tr.TAG_COMMIT: commit})
+        client.log_text(parent, Path(path).read_text(), f"sweep/{Path(path).name}")
+        ctx = SweepContext(spec, root, tracking_uri, exp_id, parent, commit)
+        done = tr.finished_hashes(client, exp_id, spec.name)
+        total = trial_count(spec, trials)
+        already = len({t.hash for t in trials} & done) if spec.tune is None else len(done)
+        print(f"[{spec.name}] {total} trials, {min(already, total)} already finished in MLflow", flush=True)
+        progress = Progress(spec.name, total, min(already, total))
+
+        ray_tmp = _init_ray(address)
+        if spec.tune is None:
+            _grid_round(ctx, trials, done, progress)
+        else:
+            _optuna_rounds(ctx, trials, progress)
+
+        status = _summary(client, ctx, trials)
+        tr.end_run(client, parent, "FINISHED" if status == 0 else "FAILED")
+        return status
+    finally:
+        _shutdown_ray(ray_tmp)
+        if server is not None:
+            server.stop()
+
+
+def _shutdown_ray(tmp: str | None) -> None:
+    import shutil
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _summary(client, ctx: SweepContext, trials: list[Trial]) -> int:
+    runs = tr.find_runs(client, ctx.experiment_id, ctx.spec.name, "trial")
+    by_status: dict[str, int] = {}
+    for r in runs:
+        by_status[r.info.status] = by_status.get(r.info.status, 0) + 1
+    print(f"[{ctx.spec.name}] done: " + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())), flush=True)
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    for r in failed:
+        print(f"  FAILED {r.info.run_name} ({r.data.tags.get(tr.TAG_CELL_LABEL, '')}, "
+              f"seed {r.data.tags.get(tr.TAG_SEED)}): {r.data.tags.get(tr.TAG_ERROR, 'unknown error')}", flush=True)
+    if failed or ctx.failed:
+        print(f"[{ctx.spec.name}] {len(failed) or len(ctx.failed)} trial(s) failed; run the same command to retry them",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -1,0 +1,294 @@
+"""Sweep files: YAML in, validated and expanded into concrete trials before anything launches.
+
+A trial is a fully resolved run config (seed included) identified by its canonical hash; a cell is one
+point of the grid (all seeds and Optuna samples of it share the cell id).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from icl_core.config import (
+    ConfigError,
+    RunConfig,
+    config_hash,
+    from_validation_error,
+    read_yaml,
+    set_dotted,
+    validate_run_config,
+)
+from icl_core.families import FamilyError, build_family
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SearchParam(_Strict):
+    """One Optuna-searched nuisance parameter: exactly one of the distributions."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    int: tuple[int, int] | None = None
+    choice: list[Any] | None = None
+
+    def kind(self) -> tuple[str, Any]:
+        given = [(k, v) for k, v in self.model_dump().items() if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of loguniform, uniform, int, choice")
+        kind, value = given[0]
+        if kind in ("loguniform", "uniform", "int") and not value[0] < value[1]:
+            raise ValueError(f"{kind} bounds must be increasing, got {list(value)}")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError("loguniform bounds must be positive")
+        if kind == "choice" and not value:
+            raise ValueError("choice needs at least one value")
+        return kind, value
+
+
+class TuneSpec(_Strict):
+    """Optuna search inside each grid cell for nuisance parameters (e.g. the learning rate)."""
+
+    params: dict[str, SearchParam]
+    trials_per_cell: int = Field(4, ge=1)
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+
+    @field_validator("params")
+    @classmethod
+    def _one_distribution_each(cls, v: dict[str, SearchParam]) -> dict[str, SearchParam]:
+        if not v:
+            raise ValueError("needs at least one parameter")
+        for key, p in v.items():
+            try:
+                p.kind()
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
+        return v
+
+
+class Resources(_Strict):
+    """Per-trial resources; a fractional gpu packs several trials on one GPU."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class SweepSpec(_Strict):
+    name: str
+    base: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, Any] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    tune: TuneSpec | None = None
+    resources: Resources = Field(default_factory=Resources)
+    max_failures: int = Field(2, ge=0)  # Ray retries of a crashed trial, each from its last checkpoint
+    checks: dict[str, Any] = Field(default_factory=dict)  # thresholds for `iclmix analyze check`
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
+            raise ValueError(f"must be letters, digits, '_', '-' or '.', got {v!r}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds repeat: {v}")
+        return v
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point: the dotted overrides it applies to the base config."""
+
+    overrides: tuple[tuple[str, Any], ...]
+
+    @property
+    def id(self) -> str:
+        return config_hash({k: v for k, v in self.overrides})[:10]
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={_label(v)}" for k, v in self.overrides) or "base"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A concrete run: its resolved config, hash, cell and seed (and Optuna's sample, if any)."""
+
+    config: RunConfig
+    cell: Cell
+    seed: int
+    search: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        return self.config.config_hash
+
+
+def _label(v: Any) -> str:
+    if isinstance(v, list) and v and isinstance(v[0], dict) and "family" in v[0]:
+        from icl_core.families import build_mixture
+
+        try:
+            return build_mixture(v).canonical_id
+        except FamilyError:
+            pass  # reported with its field when the cell's config is validated
+    return str(v)
+
+
+def simplex_points(n_components: int, steps: int) -> list[tuple[Fraction, ...]]:
+    """All weight vectors with entries in {0, 1/steps, ..., 1} summing to 1 (a lattice on the simplex)."""
+    out = []
+    for combo in itertools.product(range(steps + 1), repeat=n_components):
+        if sum(combo) == steps:
+            out.append(tuple(Fraction(c, steps) for c in combo))
+    return sorted(out, reverse=True)
+
+
+def expand_simplex(spec: Any, where: str) -> list[list[dict[str, Any]]]:
+    """`{simplex: {components: [...], steps: n}}` -> mixture configs (zero-weight components dropped)."""
+    body = spec.get("simplex")
+    if not isinstance(body, dict) or set(body) - {"components", "steps"}:
+        raise ConfigError(f"{where}.simplex", "needs exactly components: [family specs] and steps: N")
+    comps, steps = body.get("components"), body.get("steps")
+    if not isinstance(comps, list) or len(comps) < 2:
+        raise ConfigError(f"{where}.simplex.components", "needs a list of at least two family specs")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"{where}.simplex.steps", f"must be a positive integer, got {steps!r}")
+    specs = []
+    for i, c in enumerate(comps):
+        try:
+            specs.append(build_family(c).to_spec())
+        except FamilyError as e:
+            raise ConfigError(f"{where}.simplex.components[{i}].{e.field}", e.message) from None
+    mixtures = []
+    for weights in simplex_points(len(specs), steps):
+        mixtures.append([{**s, "weight": float(w)} for s, w in zip(specs, weights) if w > 0])
+    return mixtures
+
+
+def axis_values(key: str, values: Any) -> list[Any]:
+    where = f"grid.{key}"
+    if isinstance(values, dict) and "simplex" in values:
+        return expand_simplex(values, where)
+    if not isinstance(values, list) or not values:
+        raise ConfigError(where, "must be a non-empty list of values or {simplex: ...}")
+    return values
+
+
+def iter_cells(spec: SweepSpec) -> Iterator[Cell]:
+    keys = list(spec.grid)
+    axes = [axis_values(k, spec.grid[k]) for k in keys]
+    for combo in itertools.product(*axes):
+        yield Cell(tuple(zip(keys, combo)))
+
+
+def resolve(base: dict[str, Any], overrides: dict[str, Any], where: str) -> RunConfig:
+    data = copy.deepcopy(base)
+    for key, value in overrides.items():
+        set_dotted(data, key, copy.deepcopy(value))
+    try:
+        return validate_run_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e.field}" if where else e.field, e.message) from None
+
+
+def expand(spec: SweepSpec) -> list[Trial]:
+    """Every grid cell × seed as a concrete trial (Optuna samples are added round by round at run time)."""
+    try:
+        base_cfg = validate_run_config(spec.base)
+    except ConfigError as e:
+        raise ConfigError(f"base.{e.field}", e.message) from None
+    if "seed" in spec.grid:
+        raise ConfigError("grid.seed", "use the top-level seeds: list instead")
+    trials, seen = [], {}
+    for cell in iter_cells(spec):
+        for seed in spec.seeds:
+            cfg = resolve(spec.base, {**dict(cell.overrides), "seed": seed}, f"grid cell [{cell.label}]")
+            if cfg.config_hash in seen:
+                raise ConfigError("grid", f"cells [{seen[cfg.config_hash]}] and [{cell.label}] are the same run")
+            seen[cfg.config_hash] = cell.label
+            trials.append(Trial(cfg, cell, seed))
+    if spec.tune:  # each searched key must exist in the config and accept the distribution's values
+        for key, p in spec.tune.params.items():
+            kind, value = p.kind()
+            for v in value:
+                resolve(spec.base, {key: v, "seed": spec.seeds[0]}, f"tune.params.{key}")
+    del base_cfg
+    return trials
+
+
+def validate_sweep(data: Any, source: str = "sweep") -> SweepSpec:
+    if not isinstance(data, dict):
+        raise ConfigError(source, "a sweep file must be a YAML mapping with name, base, grid, seeds")
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+def load_sweep(path: str | Path) -> tuple[SweepSpec, list[Trial]]:
+    """Read, validate and expand a sweep file; every error is a one-line ConfigError naming the field."""
+    spec = validate_sweep(read_yaml(path), str(path))
+    return spec, expand(spec)
+
+
+def trial_count(spec: SweepSpec, trials: list[Trial]) -> int:
+    return len(trials) * (spec.tune.trials_per_cell if spec.tune else 1)
+
+
+def flops_per_trial(cfg: RunConfig) -> float:
+    """Model FLOPs of a whole training run (forward + backward, every step at the full prompt length)."""
+    import torch
+
+    from icl_core.model import ICLTransformer
+    from icl_core.train import model_config
+
+    with torch.device("meta"):
+        model = ICLTransformer(model_config(cfg))
+    return model.flops_per_step(cfg.data.n_points, cfg.train.batch_size) * cfg.train.steps
+
+
+def plan_text(spec: SweepSpec, trials: list[Trial]) -> str:
+    """What `iclmix sweep plan` prints: cells, seeds, trial count and total compute."""
+    cells: dict[str, Cell] = {}
+    for t in trials:
+        cells.setdefault(t.cell.id, t.cell)
+    per_sample = 1 if spec.tune is None else spec.tune.trials_per_cell
+    total = sum(flops_per_trial(t.config) for t in trials) * per_sample
+    lines = [f"sweep {spec.name}: {len(cells)} cells x {len(spec.seeds)} seeds"
+             + (f" x {per_sample} Optuna samples" if spec.tune else "")
+             + f" = {trial_count(spec, trials)} trials"]
+    for cell_id, cell in cells.items():
+        lines.append(f"  cell {cell_id}  {cell.label}")
+    lines.append(f"seeds: {spec.seeds}")
+    if spec.tune:
+        lines.append(f"Optuna per cell: {', '.join(spec.tune.params)} ({spec.tune.metric}, {spec.tune.mode})")
+    lines.append(f"resources per trial: cpu={spec.resources.cpu:g}, gpu={spec.resources.gpu:g}")
+    lines.append(f"compute: {total:.3g} model FLOPs ({_human(total)})"
+                 + f"; {_cpu_hours(total):.3g} CPU-core-hours at ~10 GFLOP/s")
+    return "\n".join(lines)
+
+
+def _human(flops: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {unit}"
+    return f"{flops:.3g} FLOP"
+
+
+def _cpu_hours(flops: float) -> float:
+    return flops / 10e9 / 3600 if math.isfinite(flops) else float("nan")

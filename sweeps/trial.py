@@ -1,0 +1,187 @@
+"""The Ray Tune function trainable: train one resolved config, evaluate it, track it in MLflow.
+
+A trial resumes from Ray's checkpoint when Ray retries it, else from the sweep's checkpoint store keyed
+by config hash (so a new `sweep run` after the driver died continues it), else starts fresh.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from icl_core.config import validate_run_config
+from icl_core.evaluate import EVAL_CSV, evaluate_run, summarize, write_eval_csv
+from icl_core.train import CHECKPOINT, CONFIG, METRICS, NonFiniteLossError, load_checkpoint, train
+
+from . import tracking as tr
+
+STORE_FILES = (CHECKPOINT, METRICS)
+
+
+class CheckpointStore:
+    """Checkpoints keyed by config hash under the sweep's storage (a local path or a pyarrow URI)."""
+
+    def __init__(self, root: str):
+        self.fs, self.root = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), root)
+
+    def _dir(self, key: str) -> str:
+        return f"{self.root}/checkpoints/{key}"
+
+    def has(self, key: str) -> bool:
+        return self.fs.get_file_info(f"{self._dir(key)}/{CHECKPOINT}").type == pafs.FileType.File
+
+    def get(self, key: str, dest: Path) -> bool:
+        if not self.has(key):
+            return False
+        for name in STORE_FILES:
+            src = f"{self._dir(key)}/{name}"
+            if self.fs.get_file_info(src).type == pafs.FileType.File:
+                pafs.copy_files(src, str(dest / name), source_filesystem=self.fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+        return True
+
+    def put(self, key: str, src: Path) -> None:
+        self.fs.create_dir(self._dir(key), recursive=True)
+        for name in (METRICS, CHECKPOINT):  # checkpoint last: its presence means the pair is complete
+            tmp = f"{self._dir(key)}/.{name}.tmp"
+            pafs.copy_files(str(src / name), tmp, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+            self.fs.move(tmp, f"{self._dir(key)}/{name}")
+
+
+class RayReporter:
+    """TrainCallback: at each checkpoint, store it by hash and report it to Ray Tune."""
+
+    def __init__(self, store: CheckpointStore, key: str, total_steps: int):
+        self.store, self.key, self.total = store, key, total_steps
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+        self.store.put(self.key, path.parent)
+        with tempfile.TemporaryDirectory(prefix="iclmix-ckpt-") as d:
+            for name in STORE_FILES:
+                shutil.copy2(path.parent / name, Path(d) / name)
+            tune.report(
+                {"step": step, "progress": step / self.total, **{f"train/{k}": v for k, v in metrics.items()}},
+                checkpoint=tune.Checkpoint.from_directory(d),
+            )
+
+
+class FaultOnce:
+    """Resilience tests: ICLMIX_FAULT_ONCE=DIR:STEP makes each trial raise once, right after checkpoint STEP."""
+
+    def __init__(self, spec: str, key: str):
+        folder, step = spec.rsplit(":", 1)
+        self.marker, self.step = Path(folder) / key, int(step)
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+        if step == self.step and not self.marker.exists():
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.touch()
+            raise RuntimeError(f"injected fault at step {step}")
+
+
+def _restore(work: Path, store: CheckpointStore, key: str) -> str:
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            for name in STORE_FILES:
+                if (Path(d) / name).exists():
+                    shutil.copy2(Path(d) / name, work / name)
+        return "ray"
+    return "store" if store.get(key, work) else "fresh"
+
+
+def _backfill_metrics(client: MlflowClient, run_id: str, metrics_csv: Path) -> None:
+    """After a resume, send the logged rows MLflow has not seen (it may have missed the last flush)."""
+    if not metrics_csv.exists():
+        return
+    seen = {m.step for m in client.get_metric_history(run_id, "train/loss")}
+    now = int(time.time() * 1000)
+    batch = []
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"])
+            if step not in seen:
+                batch.extend(Metric(f"train/{k}", float(row[k]), now, step) for k in ("loss", "lr"))
+    tr.log_metrics(client, run_id, batch)
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Ray Tune entry point; `config["trial"]` is the payload built by the driver."""
+    t = config["trial"]
+    cfg = validate_run_config(t["config"])
+    key = t["hash"]
+    torch.set_num_threads(max(1, int(t.get("cpus", 1))))
+    gpu = float(t.get("gpus", 0))
+    if gpu > 0 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu))  # fractional GPUs are bookkeeping only
+
+    client = MlflowClient(t["tracking_uri"])
+    store = CheckpointStore(t["store"])
+    work = Path(tempfile.mkdtemp(prefix=f"iclmix-{key}-"))
+    try:
+        source = _restore(work, store, key)
+        run_id = None
+        if (work / CHECKPOINT).exists():
+            run_id = load_checkpoint(work / CHECKPOINT).get("extra", {}).get("mlflow_run_id")
+        if run_id is None:
+            run_id = tr.ensure_run(
+                client, t["experiment_id"], sweep=t["sweep"], role="trial", name=t["name"],
+                parent_id=t["parent_run_id"], match={"config_hash": key},
+                tags={tr.TAG_CELL: t["cell"], tr.TAG_CELL_LABEL: t["cell_label"], tr.TAG_SEED: str(t["seed"]),
+                      tr.TAG_HASH: key, tr.TAG_COMMIT: t["git_commit"], tr.TAG_SEARCH: t.get("search", "{}")},
+            )
+        else:
+            client.update_run(run_id, status="RUNNING")
+        tr.set_tags(client, run_id, {"iclmix.resumed_from": source, "iclmix.node": os.uname().nodename})
+        tr.log_params(client, run_id, tr.flatten_config(cfg.to_dict()))
+        if source != "fresh":
+            _backfill_metrics(client, run_id, work / METRICS)
+        try:
+            buffer = tr.MetricBuffer(client, run_id)
+            callbacks = [buffer, RayReporter(store, key, cfg.train.steps)]
+            if os.environ.get("ICLMIX_FAULT_ONCE"):
+                callbacks.append(FaultOnce(os.environ["ICLMIX_FAULT_ONCE"], key))
+            result = train(cfg, work, resume=True, progress=False, extra={"mlflow_run_id": run_id},
+                           callbacks=callbacks)
+            buffer.flush()
+            rows = evaluate_run(result.model, cfg, device=next(result.model.parameters()).device)
+        except NonFiniteLossError as e:  # deterministic: retrying from a checkpoint would fail the same way
+            tr.set_tags(client, run_id, {tr.TAG_ERROR: str(e)})
+            tr.end_run(client, run_id, "FAILED")
+            tune.report({"iclmix_failed": 1, "error": str(e)})
+            return
+        write_eval_csv(rows, work / EVAL_CSV)
+        summary = summarize(rows)
+        now = int(time.time() * 1000)
+        tr.log_metrics(client, run_id, [Metric(k, v, now, result.step) for k, v in summary.items()])
+        for name in (CONFIG, EVAL_CSV, METRICS, CHECKPOINT):
+            client.log_artifact(run_id, str(work / name))
+        tr.end_run(client, run_id, "FINISHED")
+        tune.report({"step": result.step, "progress": 1.0, "iclmix_failed": 0, **summary})
+    except Exception as e:
+        if "run_id" in locals() and run_id:
+            tr.set_tags(client, run_id, {tr.TAG_ERROR: f"{type(e).__name__}: {e}"[:4000],
+                                         "iclmix.traceback": traceback.format_exc()[-4000:]})
+            tr.end_run(client, run_id, "FAILED")
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,110 @@
+"""Sweep files: expansion, hashing, `sweep plan`, and bad input stopped before anything launches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, run_cli
+
+from icl_core.config import ConfigError
+from sweeps.spec import load_sweep, simplex_points
+
+BASE = {
+    "data": {"dim": 5, "n_points": 11},
+    "model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
+    "train": {"steps": 200, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 50},
+}
+SIMPLEX = {"simplex": {"components": [{"family": "linear"}, {"family": "sparse_linear", "nnz": 1}], "steps": 4}}
+
+
+def sweep(**fields) -> dict:
+    return {"name": "t", "base": BASE, "grid": {"data.mixture": SIMPLEX, "model.n_layer": [2, 4]}, "seeds": [0, 1],
+            **fields}
+
+
+def write(tmp_path: Path, data) -> Path:
+    p = tmp_path / "sweep.yaml"
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return p
+
+
+def test_simplex_lattice():
+    assert len(simplex_points(2, 4)) == 5 and len(simplex_points(3, 2)) == 6
+    assert all(sum(p) == 1 for p in simplex_points(3, 4))
+
+
+def test_grid_expands_cells_times_seeds_with_unique_hashes(tmp_path):
+    spec, trials = load_sweep(write(tmp_path, sweep()))
+    assert len(trials) == 5 * 2 * 2
+    assert len({t.hash for t in trials}) == 20 and len({t.cell.id for t in trials}) == 10
+    weights = sorted({t.config.data.family.weight_of("sparse_linear(nnz=1)") for t in trials})
+    assert weights == [0.0, 0.25, 0.5, 0.75, 1.0]
+    # The hash depends on the resolved run, not on how the sweep file spelled it.
+    again = sweep(grid={"model.n_layer": [2, 4], "data.mixture": SIMPLEX})
+    assert {t.hash for t in load_sweep(write(tmp_path, again))[1]} == {t.hash for t in trials}
+
+
+def test_plan_prints_cells_trials_and_compute(tmp_path):
+    r = run_cli("sweep", "plan", write(tmp_path, sweep(tune={"params": {"train.lr": {"loguniform": [1e-4, 3e-3]}},
+                                                             "trials_per_cell": 4})))
+    assert r.returncode == 0, r.stderr
+    assert "10 cells x 2 seeds x 4 Optuna samples = 80 trials" in r.stdout
+    assert "model FLOPs" in r.stdout and r.stdout.count("  cell ") == 10
+
+
+def test_shipped_sweep_files_are_valid():
+    files = sorted((ROOT / "sweeps").glob("*.yaml"))
+    assert any(f.name == "quickstart.yaml" for f in files)
+    for f in files:
+        load_sweep(f)
+
+
+BAD = [
+    ({k: v for k, v in sweep().items() if k != "name"}, "name"),
+    (sweep(name="bad name!"), "name"),
+    (sweep(typo=1), "typo"),
+    (sweep(seeds=[0, 0]), "seeds"),
+    (sweep(seeds=[]), "seeds"),
+    (sweep(base={**BASE, "model": {"n_layer": 2, "n_head": 3, "n_embd": 32}}), "base.model.n_embd"),
+    (sweep(grid={"data.mixture": {"simplex": {"components": [{"family": "cubic"}, {"family": "linear"}],
+                                               "steps": 2}}}), "grid.data.mixture.simplex.components[0].family"),
+    (sweep(grid={"data.mixture": {"simplex": {"components": [{"family": "linear"}], "steps": 2}}}),
+     "grid.data.mixture.simplex.components"),
+    (sweep(grid={"data.mixture": [[{"family": "linear", "weight": 0.7}, {"family": "sine", "weight": 0.7}]]}),
+     "data.mixture.weight"),
+    (sweep(grid={"data.mixture": [[{"family": "sparse_linear", "nnz": 9}]]}), "data.mixture[0].nnz"),
+    (sweep(grid={"model.n_layer": []}), "grid.model.n_layer"),
+    (sweep(grid={"train.stepz": [1, 2]}), "train.stepz"),
+    (sweep(tune={"params": {"train.lr": {"lognormal": [1, 2]}}}), "tune.params.train.lr.lognormal"),
+    (sweep(tune={"params": {"train.lr": {"loguniform": [3e-3, 1e-4]}}}), "tune.params"),
+    (sweep(tune={"params": {"train.lrr": {"uniform": [0.1, 0.2]}}}), "train.lrr"),
+    (sweep(resources={"cpu": 0}), "resources.cpu"),
+    ("name: t\nbase: {data: {dim: 5\n", "sweep.yaml"),
+]
+
+
+@pytest.mark.parametrize("data, field", BAD, ids=[b[1] for b in BAD])
+def test_malformed_sweep_files_raise_one_line_naming_the_field(tmp_path, data, field):
+    with pytest.raises(ConfigError) as e:
+        load_sweep(write(tmp_path, data))
+    assert field in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("data, field", [BAD[2], BAD[6], BAD[8], BAD[9], BAD[-1]],
+                         ids=["key", "family", "weights", "nnz", "yaml"])
+def test_cli_rejects_malformed_sweep_files_with_exit_2_before_launching(tmp_path, data, field):
+    path = write(tmp_path, data)
+    for command in ("plan", "run"):
+        r = run_cli("sweep", command, path, "--storage", tmp_path / "store") if command == "run" else \
+            run_cli("sweep", command, path)
+        assert r.returncode == 2, (command, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and field in lines[0] and "Traceback" not in r.stderr, lines
+    assert not (tmp_path / "store").exists()  # nothing launched, nothing written
+
+
+def test_missing_sweep_file(tmp_path):
+    r = run_cli("sweep", "plan", tmp_path / "nope.yaml")
+    assert r.returncode == 2 and "no such file" in r.stderr

@@ -1,0 +1,154 @@
+"""Sweeps end to end: real local Ray, a real `mlflow server` on 127.0.0.1, real files."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import psutil
+import pytest
+import yaml
+from conftest import ROOT, cli_env, run_cli
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+BASE = {
+    "data": {"dim": 3, "n_points": 6},
+    "model": {"n_layer": 1, "n_head": 1, "n_embd": 8},
+    "train": {"steps": 60, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 20, "log_every": 10, "grad_clip": 0.0},
+    "eval": {"n_prompts": 32, "estimators": ["model", "zero", "ols", "bayes_pretrain", "bayes_task"],
+             "tasks": [{"family": "linear"}, {"family": "sparse_linear", "nnz": 1}]},
+}
+
+
+def write_sweep(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump({"base": BASE, **fields}, sort_keys=False))
+    return path
+
+
+def trial_runs(uri: str, sweep: str) -> pd.DataFrame:
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[sweep], filter_string="tags.`iclmix.role` = 'trial'")
+
+
+def metric_steps(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_sweep_tracks_every_trial_retries_faults_and_extends(tmp_path, mlflow_server):
+    uri = mlflow_server.uri
+    sweep = write_sweep(tmp_path / "e2e.yaml", name="e2e", grid={"train.lr": [1e-3, 1e30]}, seeds=[0, 1])
+    faults = tmp_path / "faults"
+    r = run_cli("sweep", "run", sweep, "--tracking-uri", uri, "--storage", tmp_path / "store", timeout=900,
+                env={"ICLMIX_FAULT_ONCE": f"{faults}:20"})
+    # lr = 1e30 makes the loss non-finite: those trials fail for good, the sweep says so and exits non-zero.
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 FAILED" in r.stdout and "non-finite" in r.stdout
+
+    client = MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
+    parent = mlflow.search_runs(experiment_names=["e2e"], filter_string="tags.`iclmix.role` = 'parent'")
+    assert len(parent) == 1
+    runs = trial_runs(uri, "e2e")
+    assert len(runs) == 4 and runs["tags.iclmix.config_hash"].nunique() == 4
+    assert set(runs["tags.mlflow.parentRunId"]) == {parent.run_id[0]}
+    for tag in ("iclmix.sweep", "iclmix.cell", "iclmix.seed", "iclmix.config_hash", "iclmix.git_commit"):
+        assert runs[f"tags.{tag}"].notna().all(), tag
+    assert sorted(runs["tags.iclmix.seed"]) == ["0", "0", "1", "1"]
+    ok = runs[runs.status == "FINISHED"]
+    bad = runs[runs.status == "FAILED"]
+    assert len(ok) == 2 and len(bad) == 2
+    assert set(bad["params.train.lr"]) == {"1e+30"} and set(ok["params.train.lr"]) == {"0.001"}
+    assert bad["tags.iclmix.error"].str.contains("non-finite").all()
+    assert "params.data.mixture" in runs and "params.model.n_embd" in runs
+    assert ok["metrics.eval_loss"].between(0, 5).all()
+
+    # Each good trial raised once after its step-20 checkpoint, was retried by Ray from that checkpoint,
+    # and logged each training step exactly once to the same run.
+    assert len(list(faults.iterdir())) == 2
+    assert set(ok["tags.iclmix.resumed_from"]) == {"ray"}
+    for run_id in ok.run_id:
+        assert metric_steps(client, run_id) == [1, 10, 20, 30, 40, 50, 60]
+        names = {a.path for a in client.list_artifacts(run_id)}
+        assert {"config.yaml", "eval.csv", "checkpoint.pt", "metrics.csv"} <= names
+        table = pd.read_csv(client.download_artifacts(run_id, "eval.csv", str(tmp_path)))
+        assert list(table.columns) == ["task", "k", "estimator", "error", "ci_low", "ci_high", "n_prompts"]
+        assert set(table.estimator) == {"model", "zero", "ols", "bayes_pretrain", "bayes_task"}
+
+    # Extending the seeds runs only the new trials; finished runs are untouched, failed ones re-attach.
+    before = ok.set_index("run_id")["end_time"]
+    write_sweep(tmp_path / "e2e.yaml", name="e2e", grid={"train.lr": [1e-3, 1e30]}, seeds=[0, 1, 2])
+    r = run_cli("sweep", "run", sweep, "--tracking-uri", uri, "--storage", tmp_path / "store", timeout=900)
+    assert r.returncode == 1
+    assert "6 trials, 2 already finished" in r.stdout
+    runs = trial_runs(uri, "e2e")
+    assert len(runs) == 6 and runs["tags.iclmix.config_hash"].nunique() == 6
+    assert (runs.status == "FINISHED").sum() == 3
+    after = runs.set_index("run_id")["end_time"]
+    for run_id, end in before.items():
+        assert after[run_id] == end  # not trained again
+
+
+def test_driver_killed_mid_sweep_resumes_each_trial_once(tmp_path, mlflow_server):
+    uri = mlflow_server.uri
+    base = {**BASE, "train": {**BASE["train"], "steps": 400, "checkpoint_every": 25, "log_every": 25}}
+    sweep = tmp_path / "kill.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "killme", "base": base, "seeds": [0, 1, 2],
+                                     "grid": {"model.n_embd": [8]}}))
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "iclmix", "sweep", "run", str(sweep), "--tracking-uri", uri, "--storage", str(store)]
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    ckpts = store / "killme" / "checkpoints"
+    while time.monotonic() < deadline and not (ckpts.exists() and any(ckpts.glob("*/checkpoint.pt"))):
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    family = psutil.Process(driver.pid).children(recursive=True)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    psutil.wait_procs(family, timeout=30)
+    for p in family:  # anything the dead driver left behind is stopped by PID
+        if p.is_running():
+            p.kill()
+    assert trial_runs(uri, "killme").status.eq("FINISHED").sum() < 3
+
+    r = run_cli("sweep", "run", sweep, "--tracking-uri", uri, "--storage", store, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = trial_runs(uri, "killme")
+    assert len(runs) == 3 and runs["tags.iclmix.config_hash"].nunique() == 3
+    assert (runs.status == "FINISHED").all()
+    assert "store" in set(runs["tags.iclmix.resumed_from"])  # continued from its checkpoint, not step 0
+    client = MlflowClient(uri)
+    for run_id in runs.run_id:
+        steps = metric_steps(client, run_id)
+        assert steps == sorted(set(steps)) and steps[-1] == 400  # each step logged once
+
+
+def test_optuna_searches_inside_each_cell(tmp_path, mlflow_server):
+    uri = mlflow_server.uri
+    sweep = write_sweep(
+        tmp_path / "opt.yaml", name="opt", seeds=[0],
+        grid={"data.mixture": {"simplex": {"components": [{"family": "linear"}, {"family": "sparse_linear", "nnz": 1}],
+                                           "steps": 1}}},
+        tune={"params": {"train.lr": {"loguniform": [1e-4, 3e-3]}}, "trials_per_cell": 2, "metric": "eval_loss"},
+    )
+    r = run_cli("sweep", "run", sweep, "--tracking-uri", uri, "--storage", tmp_path / "store", timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    cells = mlflow.search_runs(experiment_names=["opt"], filter_string="tags.`iclmix.role` = 'cell'")
+    parent = mlflow.search_runs(experiment_names=["opt"], filter_string="tags.`iclmix.role` = 'parent'")
+    assert len(cells) == 2 and set(cells["tags.mlflow.parentRunId"]) == {parent.run_id[0]}
+    assert cells["metrics.best_eval_loss"].notna().all()
+    runs = trial_runs(uri, "opt")
+    assert len(runs) == 4 and (runs.status == "FINISHED").all()
+    for cell_run, cell_id in zip(cells.run_id, cells["tags.iclmix.cell"]):
+        children = runs[runs["tags.mlflow.parentRunId"] == cell_run]
+        assert len(children) == 2 and set(children["tags.iclmix.cell"]) == {cell_id}
+        assert children["params.train.lr"].nunique() == 2
