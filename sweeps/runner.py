@@ -106,6 +106,9 @@ def _callback(progress: Progress):
     from ray import tune
 
     class ProgressCallback(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            progress.running.setdefault(trial.trial_id, 0.0)
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
             progress.running[trial.trial_id] = float(result.get("progress", 0.0))
             progress.emit()
@@ -142,6 +145,7 @@ def _run_round(ctx: SweepContext, payloads: list[dict], progress: Progress, roun
         trainable,
         param_space={"trial": tune.grid_search(payloads)},
         tune_config=tune.TuneConfig(
+            reuse_actors=True,  # a new trial skips the process start and the torch/mlflow imports
             trial_name_creator=lambda t: t.config["trial"]["name"],
             trial_dirname_creator=lambda t: t.config["trial"]["name"],
         ),
