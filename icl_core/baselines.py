@@ -15,6 +15,9 @@ from torch import Tensor
 
 # Elements of float64 scratch per chunk (d x d Gram matrices of every prefix): bounds memory at ~64 MB.
 CHUNK_ELEMENTS = 8 * 2**20
+# The Lasso solver keeps two d x d matrices per prefix problem and sweeps them every step: chunks of 1M
+# elements keep them in cache (measured 25-40% less CPU time than 8M at B=1280, N=41, d=20).
+LASSO_CHUNK_ELEMENTS = 2**20
 
 
 class Estimator(ABC):
@@ -147,7 +150,7 @@ class Lasso(Estimator):
         b, n, d = xs.shape
         out = torch.empty_like(ys)
         count = torch.arange(n, dtype=xs.dtype, device=xs.device).clamp_min(1)
-        for sl in batch_chunks(b, n * d * d):
+        for sl in batch_chunks(b, n * d * d, LASSO_CHUNK_ELEMENTS):
             gram, xy = prefix_sums(xs[sl], ys[sl])
             gram = gram / count[:, None, None]
             xy = xy / count[:, None]
@@ -187,10 +190,13 @@ class Lasso(Estimator):
         dropped = torch.zeros(m, d, dtype=dt, device=dev)
         stopped = torch.zeros(m, dtype=torch.bool, device=dev)
         inf = torch.tensor(float("inf"), dtype=dt, device=dev)
-        for _ in range(max_steps):
+        for step_no in range(max_steps):
             if m == 0:
                 break
-            u = (minv @ sgn[..., None])[..., 0] * act  # dw/d(-lam); zero off the active set
+            if step_no % 8 == 0:
+                # u = dw/d(-lam) = minv @ sgn (zero off the active set) follows each event by the same rank-one
+                # update as minv; recomputing it now and then bounds the drift of the updates.
+                u = (minv @ sgn[..., None])[..., 0] * act
             a = (gm @ u[..., None])[..., 0]  # r moves by -step * a; a_j = s_j on the active set
             lam_ = lam[:, None]
             floor = 1e-12 * lam_  # an event at step ~0 is the one just taken
@@ -215,11 +221,14 @@ class Lasso(Estimator):
             j = torch.where(is_join, jidx, didx)
             # One rank-one update serves both events: bordering G_AA by column j (join) or removing row and
             # column j from its inverse (drop).
-            g = gm[rows, :, j] * act
+            # Column j of each symmetric matrix, read as row j: one contiguous row per problem.
+            jrow = rows * d + j
+            g = gm.view(m * d, d).index_select(0, jrow) * act
             q = (minv @ g[..., None])[..., 0]
             schur = diag[rows, j] - (g * q).sum(-1)
-            col = minv[rows, :, j]
+            col = minv.view(m * d, d).index_select(0, jrow)
             pivot = col[rows, j]
+            u_j = u[rows, j]
             # A (numerically) singular G_AA: stop the path here and leave the problem to coordinate descent.
             singular = is_join & (schur <= 1e-12 * diag[rows, j])
             is_join = is_join & ~singular
@@ -230,11 +239,15 @@ class Lasso(Estimator):
             coef = torch.where(is_join, 1.0 / torch.where(is_join, schur, 1.0), 0.0)
             coef = torch.where(is_drop, -1.0 / torch.where(is_drop, pivot, 1.0), coef)
             minv.baddbmm_((coef[:, None] * vec)[:, :, None], vec[:, None, :])
+            # u after the event: join: u + v (qᵀs - s_j) / schur; drop: u - col u_j / pivot.
+            u_coef = torch.where(is_join, coef * ((q * sgn).sum(-1) - join_sign), coef * u_j)
+            u = u + u_coef[:, None] * vec
             minv[rows, j, j] += torch.where(is_join, -1.0, torch.where(is_drop, 1.0, 0.0)).to(dt)
             act[rows, j] = torch.where(is_join, True, torch.where(is_drop, False, act[rows, j]))
             dropped = torch.zeros_like(dropped)
             dropped[rows, j] = torch.where(is_drop, sgn[rows, j], 0.0)
             sgn[rows, j] = torch.where(is_join, join_sign, torch.where(is_drop, 0.0, sgn[rows, j]))
+            u = u * act
             if bool(is_drop.any()):
                 dr, dj = is_drop.nonzero(as_tuple=True)[0], j[is_drop]
                 ww[dr, dj] = 0.0
@@ -247,7 +260,7 @@ class Lasso(Estimator):
                 w[idx[stopped]] = ww[stopped]
                 keep = (~stopped).nonzero(as_tuple=True)[0]
                 idx, gm, r, lam, diag = idx[keep], gm[keep], r[keep], lam[keep], diag[keep]
-                act, sgn, minv, ww, dropped = act[keep], sgn[keep], minv[keep], ww[keep], dropped[keep]
+                act, sgn, minv, ww, dropped, u = act[keep], sgn[keep], minv[keep], ww[keep], dropped[keep], u[keep]
                 stopped = stopped[keep]
                 m = idx.numel()
                 rows = rows[:m]
