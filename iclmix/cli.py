@@ -10,6 +10,7 @@ from icl_core.train import NonFiniteLossError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from analysis import cli as analysis_cli
     from icl_core import cli as core_cli
     from sweeps import cli as sweep_cli
 
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     core_cli.add_commands(sub)
     sweep_cli.add_commands(sub)
+    analysis_cli.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,143 @@
+"""`iclmix analyze heatmap|curves|report`: figures and a report of a sweep, read from MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from icl_core.config import ConfigError
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="coverage maps, ICL curves and a report of a sweep (from MLflow)")
+    asub = p.add_subparsers(dest="analyze_command", required=True, metavar="SUBCOMMAND")
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--sweep", required=True, help="sweep name (= MLflow experiment)")
+        q.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///ABS/runs/SWEEP/mlflow.db)")
+        q.add_argument("--coverage", help="coverage axis: weight:FAMILY_ID, nnz_set, freq_band, mixture or a trial "
+                                          "column such as model.n_layer (default: chosen from the sweep)")
+        q.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                       help="keep only trials with this value (repeatable), e.g. model.n_layer=4")
+        q.add_argument("--out", required=True, help="output folder")
+        q.add_argument("--cache", help="artifact cache for remote stores (default: ~/.cache/iclmix/artifacts)")
+        q.add_argument("--workers", type=int, default=8, help="parallel artifact downloads (default 8)")
+        q.add_argument("--no-log", action="store_true", help="do not log the outputs to the sweep's parent run")
+
+    def map_opts(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--test-axis", help="nnz, freq, alpha or task (default: chosen from the eval tasks)")
+        q.add_argument("--k", default="all", help="in-context examples: an integer or 'all' (mean over k >= 1)")
+        q.add_argument("--relative-to", default="auto",
+                       help="bayes_task, best_baseline, an estimator name or none (default: bayes_task if evaluated)")
+        q.add_argument("--mode", choices=("excess", "ratio"), default="excess",
+                       help="excess = model - reference (default); ratio = model / reference")
+
+    h = asub.add_parser("heatmap", help="the coverage-vs-generalization map (PNG, SVG, CSV)")
+    common(h)
+    map_opts(h)
+    h.set_defaults(func=cmd_heatmap)
+
+    c = asub.add_parser("curves", help="ICL curves (error vs k) per eval task, model and baselines")
+    common(c)
+    c.add_argument("--value", help="only trials with this coverage value (default: one figure per value)")
+    c.set_defaults(func=cmd_curves)
+
+    r = asub.add_parser("report", help="report.html: every figure, its tables, the sweep file and trial status")
+    common(r)
+    map_opts(r)
+    r.set_defaults(func=cmd_report)
+
+
+def _where(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("--where", f"expected COLUMN=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _load(args: argparse.Namespace):
+    from .load import default_tracking_uri, load_sweep
+
+    uri = args.tracking_uri or default_tracking_uri(args.sweep)
+    if args.workers < 1:
+        raise ConfigError("--workers", f"must be >= 1, got {args.workers}")
+    return load_sweep(args.sweep, uri, cache_dir=args.cache, workers=args.workers)
+
+
+def _reference(value: str):
+    return "auto" if value == "auto" else (None if value.lower() == "none" else value)
+
+
+def _finish(args: argparse.Namespace, frame, paths: list[Path], artifact_path: str) -> int:
+    for p in paths:
+        print(p)
+    if not args.no_log:
+        from .load import log_to_parent
+
+        try:
+            run = log_to_parent(frame, paths, artifact_path)
+        except Exception as e:  # the outputs exist; a read-only store must not fail the command
+            print(f"iclmix: warning: could not log to the sweep's parent run: {e}", file=sys.stderr)
+        else:
+            if run:
+                print(f"logged {len(paths)} file(s) to parent run {run} under {artifact_path}/")
+    return 0
+
+
+def cmd_heatmap(args: argparse.Namespace) -> int:
+    from . import figures
+    from .maps import coverage_map, default_reference
+
+    frame = _load(args)
+    where = _where(args.where)
+    ref = _reference(args.relative_to)
+    if ref == "auto":
+        ref = default_reference(frame)
+    m = coverage_map(frame, args.coverage, args.test_axis, args.k, ref, mode=args.mode, where=where)
+    m.meta.update(sweep=args.sweep, where=where)
+    out = Path(args.out)
+    stem = f"heatmap_{figures.slug(m.coverage)}_{m.test_axis}_k{m.k}"
+    stem += f"_vs_{m.relative_to}" if m.relative_to else ""
+    paths = figures.plot_heatmap(m, out, stem)
+    m.to_long().to_csv(out / f"{stem}.csv", index=False)
+    return _finish(args, frame, [*paths, out / f"{stem}.csv"], "analysis")
+
+
+def cmd_curves(args: argparse.Namespace) -> int:
+    from . import figures
+    from .maps import apply_where, coverage_values, default_axes, icl_curves, select_value
+    from .report import task_support
+
+    frame = apply_where(_load(args), _where(args.where))
+    coverage = args.coverage or default_axes(frame)[0]
+    values = [args.value] if args.value is not None else coverage_values(frame, coverage)
+    dims = frame["dim"].dropna().unique()
+    out, paths = Path(args.out), []
+    for value in values:
+        curves = icl_curves(frame, coverage=coverage, value=value)
+        sub = select_value(frame, coverage, value)
+        label = figures.short_label(value)
+        stem = f"curves_{figures.slug(coverage)}_{figures.slug(label)}"
+        paths += figures.plot_curves(curves, out, stem, f"{args.sweep}: {figures.axis_label(coverage)} = {label}",
+                                     task_support(sub),
+                                     int(dims[0]) if len(dims) == 1 else None)
+        curves.to_csv(out / f"{stem}.csv", index=False)
+        paths.append(out / f"{stem}.csv")
+    return _finish(args, frame, paths, "analysis")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .load import sweep_file
+    from .report import write_report
+
+    frame = _load(args)
+    page = write_report(frame, args.out, coverage=args.coverage, test_axis=args.test_axis, k=args.k,
+                        relative_to=_reference(args.relative_to), mode=args.mode, where=_where(args.where),
+                        sweep_file=sweep_file(args.sweep, frame.attrs["tracking_uri"]))
+    files = sorted(p for p in Path(args.out).iterdir() if p.is_file())
+    files.remove(page)
+    return _finish(args, frame, [page, *files], "analysis/report")
