@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "configs" / "example.yaml"
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# One torch thread in the test process (subprocesses get OMP_NUM_THREADS=1): with 2 threads on a busy
+# 2-core machine OpenMP can stall for minutes, and the suite's own subprocesses keep the machine busy.
+torch.set_num_threads(1)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
