@@ -1,0 +1,356 @@
+"""Training speed on CPU: our training step against Garg et al.'s (HF GPT2Model), in one process, interleaved.
+
+One step = fresh prompts from `sample_prompts` (dense linear, batch 64, 41 points, d = 20) + forward + MSE +
+backward + clip + optimizer step. Ours is the step icl_core.train runs (AdamW, foreach on CPU, clip 1.0); the
+comparator is Garg et al.'s (HF GPT2Model learner, torch.optim.Adam defaults, no clipping). Contenders are
+interleaved step by step (A B C A B C ..., order reversed every other round) for `rounds` rounds; a figure
+is the median over rounds and a ratio the median of per-round ratios, so load from other processes on a
+shared machine falls on both sides of a ratio alike. Wall and process-CPU time are both recorded; at one
+thread the CPU clock is the steadier estimate of a quiet machine's wall time.
+
+MFU = model FLOPs per step (`ICLTransformer.flops_per_step`: 2n - 1 tokens, forward + backward; the same
+useful work for both models) / step time, over float32 torch.mm throughput (1024^3) timed in the same rounds
+at the same thread count.
+
+    python -m bench.train_speed [--sizes small paper] [--rounds 5] [--threads 1] [--eager] [--json OUT]
+    python -m bench.train_speed --levers [NAME ...]      # each lever against our default step
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from icl_core.config import TrainConfig
+from icl_core.families import Linear, sample_prompts
+from icl_core.model import ICLTransformer, ModelConfig
+from icl_core.train import build_optimizer
+
+DIM, POINTS, BATCH = 20, 41, 64
+SIZES = {
+    "paper": {"n_layer": 12, "n_head": 8, "n_embd": 256},
+    "small": {"n_layer": 4, "n_head": 4, "n_embd": 64},
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 32},
+}
+# steps per contender per round
+STEPS = {"paper": 1, "small": 6, "tiny": 6}
+
+
+def model_config(size: str) -> ModelConfig:
+    return ModelConfig(dim=DIM, max_points=POINTS, **SIZES[size])
+
+
+@dataclass
+class Contender:
+    """Something to time: one call of `step` is one training step (or one batch of torch.mm)."""
+
+    name: str
+    step: Callable[[], object]
+    flops: float = 0.0  # model FLOPs of one call
+    threads: int | None = None  # torch.set_num_threads while it runs (None: the process's setting)
+    wall: list[float] = field(default_factory=list)  # seconds per call, one entry per round
+    cpu: list[float] = field(default_factory=list)  # process CPU seconds per call, one entry per round
+
+    def times(self, clock: str) -> list[float]:
+        return self.cpu if clock == "cpu" else self.wall
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def fresh_prompts(seed: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """Dense-linear prompts from sample_prompts, as icl_core.train draws them."""
+    gen, family = torch.Generator().manual_seed(seed), Linear()
+    return lambda: sample_prompts(family, BATCH, POINTS, DIM, gen)
+
+
+def preallocated_prompts(seed: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """The same distribution drawn in place into buffers allocated once (the 'preallocated buffers' lever)."""
+    gen = torch.Generator().manual_seed(seed)
+    xs, w, ys = torch.empty(BATCH, POINTS, DIM), torch.empty(BATCH, DIM, 1), torch.empty(BATCH, POINTS, 1)
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        xs.normal_(generator=gen)
+        w.normal_(std=DIM**-0.5, generator=gen)
+        torch.bmm(xs, w, out=ys)
+        return xs, ys.view(BATCH, POINTS)
+
+    return draw
+
+
+def make_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    forward: Callable | None = None,
+    grad_clip: float = 0.0,
+) -> Callable[[], float]:
+    """One training step as icl_core.train does it (prompts, forward, MSE, backward, clip, optimizer step)."""
+    fwd = model if forward is None else forward
+    params = list(model.parameters())
+
+    def step() -> float:
+        xs, ys = data()
+        loss = (fwd(xs, ys) - ys).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+class XQueriesLast(ICLTransformer):
+    """Lever experiment, same function: the last block computes attention output, c_proj and MLP at the x
+    positions only (the y positions of the last layer feed nothing), ~37 % of that block's linear FLOPs."""
+
+    def forward(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        B, n, _ = xs.shape
+        tokens = self.interleave(xs, ys)
+        T = tokens.shape[1]
+        h = self.read_in(tokens) + self.wpe(torch.arange(T, device=xs.device))
+        for block in self.blocks[:-1]:
+            h = block(h)
+        last, C = self.blocks[-1], h.shape[2]
+        nh, hd = last.attn.n_head, C // last.attn.n_head
+        q, k, v = last.attn.c_attn(last.ln_1(h)).split(C, dim=2)
+        q = q[:, ::2].reshape(B, n, nh, hd).transpose(1, 2)
+        k, v = (t.view(B, T, nh, hd).transpose(1, 2) for t in (k, v))
+        mask = torch.arange(T, device=xs.device)[None, :] <= 2 * torch.arange(n, device=xs.device)[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = h[:, ::2] + last.attn.c_proj(y.transpose(1, 2).reshape(B, n, C))
+        h = h + last.mlp(last.ln_2(h))
+        return self.read_out(self.ln_f(h)).squeeze(-1)
+
+
+def ours(
+    cfg: ModelConfig,
+    *,
+    compile: bool = False,
+    optimizer: str = "default",
+    grad_clip: float | None = None,
+    data: str = "fresh",
+    gelu: str | None = None,
+    last_layer_x_only: bool = False,
+    seed: int = 0,
+) -> Callable[[], float]:
+    """Our training step: ICLTransformer + build_optimizer (AdamW; foreach on CPU) + clip 1.0, as in train().
+
+    Levers: `compile` (torch.compile the model), `optimizer` ("default", or Adam with "foreach", "fused" or
+    "loop"), `grad_clip` (None = TrainConfig's default), `data` ("fresh" or "preallocated"), `gelu` (None = the
+    model's; "erf" = exact GELU, an experiment: not GPT-2's function), `last_layer_x_only` (see XQueriesLast).
+    """
+    tc = TrainConfig()
+    torch.manual_seed(seed)
+    model = (XQueriesLast if last_layer_x_only else ICLTransformer)(cfg)
+    if gelu == "erf":
+        for block in model.blocks:
+            mlp = block.mlp
+            mlp.forward = lambda x, m=mlp: m.c_proj(F.gelu(m.c_fc(x)))
+    if optimizer == "default":
+        opt = build_optimizer(model, tc, torch.device("cpu"))
+    else:
+        impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}[optimizer]
+        opt = torch.optim.Adam(model.parameters(), lr=tc.lr, **impl)
+    draw = preallocated_prompts(seed) if data == "preallocated" else fresh_prompts(seed)
+    return make_step(model, opt, draw, forward=torch.compile(model) if compile else None,
+                     grad_clip=tc.grad_clip if grad_clip is None else grad_clip)
+
+
+def comparator(cfg: ModelConfig, *, attn_implementation: str | None = None, seed: int = 0) -> Callable[[], float]:
+    """Garg et al.'s training step: HF GPT2Model learner, torch.optim.Adam(lr=1e-4) with defaults, no clipping."""
+    from .comparator import HFGPT2Learner
+
+    torch.manual_seed(seed)
+    model = HFGPT2Learner(cfg, attn_implementation)
+    return make_step(model, torch.optim.Adam(model.parameters(), lr=1e-4), fresh_prompts(seed))
+
+
+def matmul(threads: int | None = None, n: int = 1024, reps: int = 4) -> Contender:
+    """The MFU denominator: float32 torch.mm of n x n by n x n, `reps` per call, timed like a contender."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def step() -> None:
+        for _ in range(reps):
+            torch.mm(a, b)
+
+    return Contender(f"torch.mm/{threads or torch.get_num_threads()}t", step, 2.0 * n**3 * reps, threads)
+
+
+def alternate(contenders: list[Contender], rounds: int, steps: int, warmup: int = 2) -> None:
+    """Interleave the contenders step by step (A B C A B C ...; reversed order every other round), so load
+    from other processes falls on all of them alike; record wall and process-CPU seconds per call per round."""
+    for c in contenders:
+        with num_threads(c.threads):
+            for _ in range(warmup):
+                c.step()
+    for r in range(rounds):
+        wall = {c.name: 0.0 for c in contenders}
+        cpu = dict(wall)
+        order = contenders if r % 2 == 0 else contenders[::-1]
+        for _ in range(steps):
+            for c in order:
+                with num_threads(c.threads):
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    c.step()
+                    wall[c.name] += time.perf_counter() - w0
+                    cpu[c.name] += time.process_time() - c0
+        for c in contenders:
+            c.wall.append(wall[c.name] / steps)
+            c.cpu.append(cpu[c.name] / steps)
+
+
+def ratio(base: Contender, other: Contender, clock: str = "wall") -> float:
+    """Median over rounds of base's time / other's time: how many times faster `other` is than `base`."""
+    return statistics.median(b / o for b, o in zip(base.times(clock), other.times(clock)))
+
+
+def summary(c: Contender, mm: Contender | None) -> dict:
+    """Per clock: median seconds per step, steps/s, achieved FLOP/s and MFU (per-round ratio to torch.mm)."""
+    out: dict = {"threads": c.threads or torch.get_num_threads(), "rounds": len(c.wall)}
+    for clock in ("wall", "cpu"):
+        t = statistics.median(c.times(clock))
+        d = {"s_per_step": t, "steps_per_s": 1.0 / t, "per_round": c.times(clock)}
+        if c.flops:
+            d["achieved_flops"] = c.flops / t
+        if c.flops and mm is not None and mm is not c:
+            d["mfu"] = statistics.median(
+                (c.flops / t) / (mm.flops / m) for t, m in zip(c.times(clock), mm.times(clock))
+            )
+        out[clock] = d
+    return out
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run(cs: list[Contender], rounds: int, steps: int) -> dict:
+    """Time `cs` plus a torch.mm contender per thread count; per-contender summaries."""
+    mms = {}
+    for c in cs:
+        t = c.threads or torch.get_num_threads()
+        if t not in mms:
+            mms[t] = matmul(c.threads)
+    load_before = load()
+    alternate([*cs, *mms.values()], rounds, steps)
+    contenders = {c.name: summary(c, mms[c.threads or torch.get_num_threads()]) for c in cs}
+    contenders.update({m.name: summary(m, None) for m in mms.values()})
+    return {"loadavg_before_after": [load_before, load()], "contenders": contenders}
+
+
+def compare_size(size: str, rounds: int, steps: int | None = None, eager: bool = False) -> dict:
+    """Ours vs the comparator at one size: steps/s of each, the ratio, MFU."""
+    cfg = model_config(size)
+    flops = ICLTransformer(cfg).flops_per_step(POINTS, BATCH)
+    cs = [Contender("ours", ours(cfg), flops), Contender("hf_gpt2", comparator(cfg), flops)]
+    if eager:
+        cs.append(Contender("hf_gpt2_eager", comparator(cfg, attn_implementation="eager"), flops))
+    res = {"size": size, "model": SIZES[size], "flops_per_step": flops, "threads": torch.get_num_threads(),
+           **run(cs, rounds, steps or STEPS[size])}
+    res["speedup_vs_hf_gpt2"] = {clock: {c.name: ratio(cs[1], c, clock) for c in cs if c.name != "hf_gpt2"}
+                                 for clock in ("wall", "cpu")}
+    return res
+
+
+# Levers, each one change from our default step, timed against it (and the comparator) in one run.
+LEVERS: dict[str, dict] = {
+    "fused_adam": {"optimizer": "fused"},
+    "foreach_adam": {"optimizer": "foreach"},
+    "loop_adam": {"optimizer": "loop"},
+    "no_clip": {"grad_clip": 0.0},
+    "preallocated_data": {"data": "preallocated"},
+    "compile": {"compile": True},
+    "erf_gelu": {"gelu": "erf"},
+    "last_layer_x_only": {"last_layer_x_only": True},
+}
+# Thread count is not a lever to switch inside one process (libgomp's spinning workers and the pool resize
+# make a 2-thread contender there slower than in its own process): compare `--threads 1` and `--threads 2` runs.
+
+
+def levers(size: str, names: list[str], rounds: int, steps: int | None = None) -> dict:
+    """Our default step, the comparator and each lever in `names`, interleaved; speedups over our default."""
+    cfg = model_config(size)
+    flops = ICLTransformer(cfg).flops_per_step(POINTS, BATCH)
+    cs = [Contender("ours", ours(cfg), flops), Contender("hf_gpt2", comparator(cfg), flops)]
+    for name in names:
+        opts = dict(LEVERS[name])
+        threads = opts.pop("threads", None)
+        cs.append(Contender(name, ours(cfg, **opts), flops, threads=threads))
+    res = {"size": size, "model": SIZES[size], "flops_per_step": flops, "threads": torch.get_num_threads(),
+           **run(cs, rounds, steps or STEPS[size])}
+    res["speedup_vs_ours"] = {clock: {c.name: ratio(cs[0], c, clock) for c in cs[1:]} for clock in ("wall", "cpu")}
+    res["speedup_vs_hf_gpt2"] = {clock: {c.name: ratio(cs[1], c, clock) for c in cs if c.name != "hf_gpt2"}
+                                 for clock in ("wall", "cpu")}
+    return res
+
+
+def format_table(results: list[dict], clock: str = "wall") -> str:
+    """One line per contender: steps/s, achieved GFLOP/s, MFU and speedups, on one clock."""
+    rel = any("speedup_vs_ours" in r for r in results)
+    lines = [f"{'[' + clock + ' clock]':<12} {'size':<6} {'contender':<18} {'steps/s':>8} {'GFLOP/s':>8} {'MFU':>6}"
+             f" {'vs HF':>6}"
+             + (f" {'vs ours':>7}" if rel else "")]
+    for r in results:
+        vs_hf = r["speedup_vs_hf_gpt2"][clock]
+        vs_ours = r.get("speedup_vs_ours", {}).get(clock, {})
+        for name, s in r["contenders"].items():
+            d = s[clock]
+            mfu = f"{d['mfu']:.1%}" if "mfu" in d else ""
+            hf = f"{vs_hf[name]:.2f}x" if name in vs_hf else ""
+            line = (f"{'':12} {r['size']:<6} {name:<18} {d['steps_per_s']:8.2f}"
+                    f" {d.get('achieved_flops', 0) / 1e9:8.1f} {mfu:>6} {hf:>6}")
+            if rel:
+                line += f" {(f'{vs_ours[name]:.2f}x' if name in vs_ours else ''):>7}"
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", nargs="+", default=["small", "paper"], choices=sorted(SIZES))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=None, help="steps per contender per round (default per size)")
+    p.add_argument("--eager", action="store_true", help="also time HF GPT2 with eager (2022-era) attention")
+    p.add_argument("--levers", nargs="*", default=None, choices=sorted(LEVERS),
+                   help="time these levers (all when none named) against our default instead")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the whole run")
+    p.add_argument("--json", default=None, help="write the results here")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.levers is not None:
+        names = a.levers or list(LEVERS)
+        results = [levers(s, names, a.rounds, a.steps) for s in a.sizes]
+    else:
+        results = [compare_size(s, a.rounds, a.steps, a.eager) for s in a.sizes]
+    for clock in ("wall", "cpu"):
+        print(format_table(results, clock))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""Benchmarks: the HF GPT-2 comparator computes our model's function; the benchmarks run at tiny size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, cli_env
+
+if str(ROOT) not in sys.path:  # `bench` is a top-level folder, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from icl_core.model import ICLTransformer, ModelConfig  # noqa: E402
+
+TINY = ModelConfig(dim=5, max_points=11, n_layer=2, n_head=4, n_embd=32)
+
+
+@pytest.mark.parametrize("attn", [None, "eager"])
+def test_comparator_weights_loaded_into_ours_give_the_same_predictions(attn):
+    pytest.importorskip("transformers")
+    from bench.comparator import HFGPT2Learner, load_into
+
+    torch.manual_seed(0)
+    hf = HFGPT2Learner(TINY, attn_implementation=attn)
+    # Move every weight off its init (zero biases, unit LayerNorm gains) so a mis-mapped tensor shows.
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ours = load_into(hf, ICLTransformer(TINY))
+    g = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(16, 11, 5, generator=g), torch.randn(16, 11, generator=g)
+    with torch.no_grad():
+        theirs = hf.eval()(xs, ys)
+    mine = ours.predict(xs, ys)
+    assert mine.shape == theirs.shape == (16, 11)
+    assert (mine - theirs).abs().max().item() < 1e-5
+    assert theirs.std() > 0.1  # not a degenerate comparison
+    # Shorter prompts use the leading positions of both models alike.
+    with torch.no_grad():
+        assert torch.allclose(ours.predict(xs[:, :4], ys[:, :4]), hf(xs[:, :4], ys[:, :4]), atol=1e-5, rtol=0)
+
+
+def test_load_into_rejects_a_different_shape():
+    pytest.importorskip("transformers")
+    from bench.comparator import HFGPT2Learner, load_into
+
+    with pytest.raises(ValueError, match="configs differ"):
+        load_into(HFGPT2Learner(TINY), ICLTransformer(ModelConfig(dim=5, max_points=11, n_layer=1, n_embd=32)))
+
+
+def test_train_speed_times_ours_the_comparator_and_levers_at_tiny_size():
+    pytest.importorskip("transformers")
+    from bench import train_speed
+
+    res = train_speed.levers("tiny", ["no_clip", "preallocated_data", "fused_adam"], rounds=1, steps=1)
+    for name in ("ours", "hf_gpt2", "no_clip", "preallocated_data", "fused_adam", "torch.mm"):
+        assert any(k.startswith(name) for k in res["contenders"]), name
+    ours = res["contenders"]["ours"]
+    assert ours["wall"]["steps_per_s"] > 0 and 0 < ours["cpu"]["mfu"] < 2
+    assert set(res["speedup_vs_ours"]["wall"]) == {"hf_gpt2", "no_clip", "preallocated_data", "fused_adam"}
+    assert "fused_adam" in train_speed.format_table([res], "cpu")
+
+
+def test_preallocated_prompts_are_dense_linear_prompts():
+    from bench.train_speed import BATCH, DIM, POINTS, preallocated_prompts
+
+    xs, ys = preallocated_prompts(0)()
+    assert xs.shape == (BATCH, POINTS, DIM) and ys.shape == (BATCH, POINTS)
+    w = torch.linalg.lstsq(xs[0], ys[0]).solution
+    assert torch.allclose(xs[0] @ w, ys[0], atol=1e-4)  # exactly linear in x
+    assert 0.3 < ys.var().item() < 3.0  # unit variance, as the families are scaled
+
+
+def test_gpu_benchmark_runs_on_cpu_at_tiny_size(tmp_path):
+    out = tmp_path / "gpu.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--tiny", "--device", "cpu", "--trials", "1", "2", "--steps", "3",
+         "--repeats", "1", "--json", str(out)],
+        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["size"] == "tiny" and res["variants"]["eager"]["steps_per_s"] > 0
+    assert [s["trials"] for s in res["sharing"]] == [1, 2]
+    two = res["sharing"][1]
+    assert len(two["per_trial_steps_per_s"]) == 2 and two["aggregate_steps_per_s"] > 0
+    assert two["gpu_hours_per_500k_trial"] > 0
+    assert "trials sharing" in r.stdout
+
+
+def test_python_m_bench_writes_json(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "cpu.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--sizes", "tiny", "--rounds", "1", "--out", str(out)],
+        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["machine"]["cores"] and res["date"] and res["command"].startswith("python -m bench")
+    (tiny,) = res["train"]
+    assert {"ours", "hf_gpt2", "hf_gpt2_eager"} <= set(tiny["contenders"])
+    assert tiny["speedup_vs_hf_gpt2"]["wall"]["ours"] > 0
+    assert "hf_gpt2" in r.stdout
+
+
+def test_batched_lasso_agrees_with_sklearn():
+    pytest.importorskip("sklearn")
+    from bench import eval_speed
+
+    res = eval_speed.lasso(n_prompts=8, sklearn_prompts=2)
+    assert res["max_abs_prediction_diff_vs_sklearn_tol_1e-10"] < 1e-6
+    assert res["sklearn_s_per_prompt"] > 0 and res["ours_s_per_prompt"] > 0
+
+
+def test_last_layer_x_only_lever_computes_the_same_function():
+    from bench.train_speed import XQueriesLast
+
+    torch.manual_seed(0)
+    ours = ICLTransformer(TINY)
+    lever = XQueriesLast(TINY)
+    lever.load_state_dict(ours.state_dict())
+    xs, ys = torch.randn(4, 11, 5), torch.randn(4, 11)
+    assert torch.allclose(lever.predict(xs, ys), ours.predict(xs, ys), atol=1e-6, rtol=0)
