@@ -120,27 +120,16 @@ def make_step(
     return step
 
 
-class XQueriesLast(ICLTransformer):
-    """Lever experiment, same function: the last block computes attention output, c_proj and MLP at the x
-    positions only (the y positions of the last layer feed nothing), ~37 % of that block's linear FLOPs."""
+class FullLastLayer(ICLTransformer):
+    """Lever experiment, same function: our model before the last block ran at the x positions only (the
+    default since 2026-11-25): every block at all 2n - 1 positions, the x positions picked after."""
 
     def forward(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        B, n, _ = xs.shape
         tokens = self.interleave(xs, ys)
-        T = tokens.shape[1]
-        h = self.read_in(tokens) + self.wpe(torch.arange(T, device=xs.device))
-        for block in self.blocks[:-1]:
+        h = self.read_in(tokens) + self.wpe(torch.arange(tokens.shape[1], device=xs.device))
+        for block in self.blocks:
             h = block(h)
-        last, C = self.blocks[-1], h.shape[2]
-        nh, hd = last.attn.n_head, C // last.attn.n_head
-        q, k, v = last.attn.c_attn(last.ln_1(h)).split(C, dim=2)
-        q = q[:, ::2].reshape(B, n, nh, hd).transpose(1, 2)
-        k, v = (t.view(B, T, nh, hd).transpose(1, 2) for t in (k, v))
-        mask = torch.arange(T, device=xs.device)[None, :] <= 2 * torch.arange(n, device=xs.device)[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        h = h[:, ::2] + last.attn.c_proj(y.transpose(1, 2).reshape(B, n, C))
-        h = h + last.mlp(last.ln_2(h))
-        return self.read_out(self.ln_f(h)).squeeze(-1)
+        return self.read_out(self.ln_f(h[:, ::2])).squeeze(-1)
 
 
 def ours(
@@ -151,18 +140,18 @@ def ours(
     grad_clip: float | None = None,
     data: str = "fresh",
     gelu: str | None = None,
-    last_layer_x_only: bool = False,
+    full_last_layer: bool = False,
     seed: int = 0,
 ) -> Callable[[], float]:
     """Our training step: ICLTransformer + build_optimizer (AdamW; foreach on CPU) + clip 1.0, as in train().
 
     Levers: `compile` (torch.compile the model), `optimizer` ("default", or Adam with "foreach", "fused" or
     "loop"), `grad_clip` (None = TrainConfig's default), `data` ("fresh" or "preallocated"), `gelu` (None = the
-    model's; "erf" = exact GELU, an experiment: not GPT-2's function), `last_layer_x_only` (see XQueriesLast).
+    model's; "erf" = exact GELU, an experiment: not GPT-2's function), `full_last_layer` (see FullLastLayer).
     """
     tc = TrainConfig()
     torch.manual_seed(seed)
-    model = (XQueriesLast if last_layer_x_only else ICLTransformer)(cfg)
+    model = (FullLastLayer if full_last_layer else ICLTransformer)(cfg)
     if gelu == "erf":
         for block in model.blocks:
             mlp = block.mlp
@@ -282,7 +271,7 @@ LEVERS: dict[str, dict] = {
     "preallocated_data": {"data": "preallocated"},
     "compile": {"compile": True},
     "erf_gelu": {"gelu": "erf"},
-    "last_layer_x_only": {"last_layer_x_only": True},
+    "full_last_layer": {"full_last_layer": True},
 }
 # Thread count is not a lever to switch inside one process (libgomp's spinning workers and the pool resize
 # make a 2-thread contender there slower than in its own process): compare `--threads 1` and `--threads 2` runs.

@@ -116,12 +116,12 @@ def test_batched_lasso_agrees_with_sklearn():
     assert res["sklearn_s_per_prompt"] > 0 and res["ours_s_per_prompt"] > 0
 
 
-def test_last_layer_x_only_lever_computes_the_same_function():
-    from bench.train_speed import XQueriesLast
+def test_full_last_layer_lever_computes_the_same_function():
+    from bench.train_speed import FullLastLayer
 
     torch.manual_seed(0)
     ours = ICLTransformer(TINY)
-    lever = XQueriesLast(TINY)
+    lever = FullLastLayer(TINY)
     lever.load_state_dict(ours.state_dict())
     xs, ys = torch.randn(4, 11, 5), torch.randn(4, 11)
     assert torch.allclose(lever.predict(xs, ys), ours.predict(xs, ys), atol=1e-6, rtol=0)
