@@ -1,20 +1,19 @@
 """`python -m bench`: the CPU benchmarks, a table on stdout and JSON under bench/results/.
 
-    python -m bench [--quick] [--levers] [--eval] [--threads 1] [--out bench/results/cpu-latest.json]
+    python -m bench [--quick] [--levers] [--no-eval] [--threads 1] [--out bench/results/cpu-latest.json]
 
 Training speed of our step against Garg et al.'s (HF GPT2Model, default sdpa attention and the 2022-era
 eager attention) at the small (4 x 64) and paper (12 x 256) sizes, with MFU against torch.mm measured in
-the same run; `--levers` adds the performance levers, `--eval` the evaluation benchmark. Figures are medians
-over rounds that interleave the contenders step by step (see bench/train_speed.py); run on a quiet machine
-for absolute numbers, the ratios hold up under load. `make bench` installs the `bench` extra and runs this.
+the same run, then the evaluation benchmark (Lasso against sklearn, a full table); `--levers` adds the
+performance levers. Figures are medians over rounds that interleave the contenders step by step (see
+bench/train_speed.py); run on a quiet machine for absolute numbers, the ratios hold up under load.
+`make bench` installs the `bench` extra and runs this. Results and their meaning: docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,25 +25,6 @@ from . import train_speed
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def machine() -> dict:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import transformers
-
-        tf = transformers.__version__
-    except ImportError:
-        tf = None
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": tf,
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="3 rounds and fewer steps (a smoke run, minutes)")
@@ -53,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: per-core figures that hold up on a shared machine)")
     p.add_argument("--levers", action="store_true", help="also time each performance lever against our default")
-    p.add_argument("--eval", action="store_true", help="also run the evaluation benchmark (bench.eval_speed)")
+    p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="the evaluation benchmark (bench.eval_speed; on by default)")
     p.add_argument("--out", default=str(RESULTS / "cpu-latest.json"), help="JSON results file")
     a = p.parse_args(argv)
     try:
@@ -68,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {
         "date": time.strftime("%Y-%m-%d"),
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(),
+        "machine": train_speed.machine(),
         "rounds": rounds,
         "train": [train_speed.compare_size(s, rounds, steps[s], eager=True) for s in a.sizes],
     }

@@ -22,10 +22,13 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -230,6 +233,24 @@ def summary(c: Contender, mm: Contender | None) -> dict:
     return out
 
 
+def machine() -> dict:
+    """What ran the benchmark: CPU model, cores, library versions, torch threads."""
+    model = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        import transformers
+
+        tf = transformers.__version__
+    except ImportError:
+        tf = None
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": tf,
+            "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+
 def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -294,6 +315,27 @@ def levers(size: str, names: list[str], rounds: int, steps: int | None = None) -
     return res
 
 
+def profile(size: str, steps: int = 2, rows: int = 15) -> None:
+    """Where the time of one training step goes: torch.profiler's op table for ours and the comparator."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cfg = model_config(size)
+    makers: list[tuple[str, Callable[[], Callable[[], float]]]] = [("ours", lambda: ours(cfg))]
+    with contextlib.suppress(ImportError):
+        import transformers  # noqa: F401
+
+        makers.append(("hf_gpt2", lambda: comparator(cfg)))
+    for name, make in makers:
+        step = make()
+        step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        print(f"== {name} at {size}, {steps} steps, {torch.get_num_threads()} thread(s)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def format_table(results: list[dict], clock: str = "wall") -> str:
     """One line per contender: steps/s, achieved GFLOP/s, MFU and speedups, on one clock."""
     rel = any("speedup_vs_ours" in r for r in results)
@@ -324,10 +366,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levers", nargs="*", default=None, choices=sorted(LEVERS),
                    help="time these levers (all when none named) against our default instead")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the whole run")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: torch.profiler op table of our step (and the comparator's) at each size")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.profile:
+        for size in a.sizes:
+            profile(size, a.steps or 2)
+        return 0
     if a.levers is not None:
         names = a.levers or list(LEVERS)
         results = [levers(s, names, a.rounds, a.steps) for s in a.sizes]
@@ -336,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     for clock in ("wall", "cpu"):
         print(format_table(results, clock))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+        meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                "command": "python -m bench.train_speed " + " ".join(argv if argv is not None else sys.argv[1:])}
+        Path(a.json).write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
     return 0
 
 

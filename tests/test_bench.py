@@ -95,7 +95,7 @@ def test_python_m_bench_writes_json(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "cpu.json"
     r = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--sizes", "tiny", "--rounds", "1", "--out", str(out)],
+        [sys.executable, "-m", "bench", "--quick", "--sizes", "tiny", "--rounds", "1", "--no-eval", "--out", str(out)],
         cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stderr

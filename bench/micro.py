@@ -1,0 +1,185 @@
+"""Micro-benchmarks behind the lever predictions in docs/performance.md (one thread, process CPU time).
+
+GELU variants, attention implementations and the GEMM shapes of a paper-size step, and the cost of drawing
+one batch of prompts. Each figure is the median of `reps` timings after a warm-up.
+
+    python -m bench.micro [--reps 7] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from icl_core.families import Linear, sample_prompts
+
+BT = 64 * 81  # tokens of a batch of 64 prompts of 41 points
+
+
+def ms(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return round(statistics.median(times) * 1e3, 3)
+
+
+C1 = 2 * math.sqrt(2 / math.pi)  # tanh-GELU = x * sigmoid(C1 * (x + 0.044715 x^3))
+C2 = C1 * 0.044715
+
+
+class SigmoidGelu(torch.autograd.Function):
+    """tanh-GELU as x * sigmoid(z) with a hand-written backward (an alternative to ATen's gelu)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x * (C1 + C2 * x * x))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        x2 = x * x
+        s = torch.sigmoid(x * (C1 + C2 * x2))
+        return g * (s + x * s * (1 - s) * (C1 + 3 * C2 * x2))
+
+
+def gelu_row(width: int, variants: dict[str, Callable], reps: int) -> dict:
+    x = torch.randn(BT, width, requires_grad=True)
+    g = torch.randn(BT, width)
+    row = {}
+    for name, fn in variants.items():
+        def fwd_bwd(fn=fn):
+            x.grad = None
+            fn(x).backward(g)
+
+        row[name] = {"fwd_ms": ms(lambda fn=fn: fn(x.detach()), reps), "fwd_bwd_ms": ms(fwd_bwd, reps)}
+    for name, fn in (("tanh", torch.tanh), ("exp", torch.exp), ("add", lambda t: t + t)):
+        row[f"elementwise {name}"] = {"fwd_ms": ms(lambda fn=fn: fn(x.detach()), reps)}
+    return row
+
+
+def gelu(reps: int) -> dict:
+    compiled = torch.compile(lambda t: F.gelu(t, approximate="tanh"))
+    variants = {
+        "tanh (ours)": lambda t: F.gelu(t, approximate="tanh"),
+        "erf": F.gelu,
+        "sigmoid form, autograd": lambda t: t * torch.sigmoid(t * (C1 + C2 * t * t)),
+        "sigmoid form, custom backward": SigmoidGelu.apply,
+        "tanh, torch.compile": compiled,
+    }
+    # the MLP hidden width at small and paper size
+    return {f"{BT}x{width}": gelu_row(width, variants, reps) for width in (256, 1024)}
+
+
+class BmmAttention(torch.autograd.Function):
+    """Causal attention as baddbmm + softmax + bmm with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias):
+        scale = q.shape[-1] ** -0.5
+        p = torch.softmax(torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale), -1)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale = scale
+        return torch.bmm(p, v)
+
+    @staticmethod
+    def backward(ctx, go):
+        q, k, v, p = ctx.saved_tensors
+        dv = torch.bmm(p.transpose(1, 2), go)
+        ds = torch._softmax_backward_data(torch.bmm(go, v.transpose(1, 2)), p, -1, p.dtype)
+        return torch.bmm(ds, k).mul_(ctx.scale), torch.bmm(ds.transpose(1, 2), q).mul_(ctx.scale), dv, None
+
+
+def attention_row(heads: int, hd: int, reps: int) -> dict:
+    B, T = 64, 81
+    q, k, v = (torch.randn(B, heads, T, hd, requires_grad=True) for _ in range(3))
+    g = torch.randn(B, heads, T, hd)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    bias = torch.full((T, T), float("-inf")).triu(1)
+    flat = [t.detach().reshape(B * heads, T, hd).requires_grad_() for t in (q, k, v)]
+
+    def run(fn):
+        def go():
+            for t in (q, k, v, *flat):
+                t.grad = None
+            fn().backward(g)
+
+        return go
+
+    def math_backend():
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def explicit():
+        att = (q @ k.transpose(-2, -1)) * hd**-0.5
+        return att.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+    def flash_forward():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return {
+        "flash (ours), fwd+bwd ms": ms(run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), reps),
+        "math backend": ms(run(math_backend), reps),
+        "explicit bmm + softmax": ms(run(explicit), reps),
+        "custom bmm Function": ms(run(lambda: BmmAttention.apply(*flat, bias).view(B, heads, T, hd)), reps),
+        "flash forward only": ms(flash_forward, reps),
+    }
+
+
+def attention(reps: int) -> dict:
+    return {f"B=64 H={h} T=81 hd={hd}": attention_row(h, hd, reps) for h, hd in ((4, 16), (8, 32))}
+
+
+def gemms(reps: int) -> dict:
+    """GFLOP/s of the matmuls in a paper-size step (forward, input grad, weight grad), and a 1024^3 square."""
+    shapes = {
+        "square 1024": (1024, 1024, 1024, ""),
+        "fwd c_attn": (BT, 256, 768, "Bt"), "fwd attn.c_proj": (BT, 256, 256, "Bt"),
+        "fwd c_fc": (BT, 256, 1024, "Bt"), "fwd mlp.c_proj": (BT, 1024, 256, "Bt"),
+        "dX c_attn": (BT, 768, 256, ""), "dX c_fc": (BT, 1024, 256, ""), "dX mlp.c_proj": (BT, 256, 1024, ""),
+        "dW c_attn": (768, BT, 256, "At"), "dW c_fc": (1024, BT, 256, "At"),
+        "dW mlp.c_proj": (256, BT, 1024, "At"), "dW attn.c_proj": (256, BT, 256, "At"),
+    }
+    out = {}
+    for name, (m, k, n, tr) in shapes.items():
+        a = torch.randn(k, m).t() if tr == "At" else torch.randn(m, k)
+        b = torch.randn(n, k).t() if tr == "Bt" else torch.randn(k, n)
+        out[f"{name} {m}x{k}x{n}"] = round(2 * m * k * n / ms(lambda a=a, b=b: torch.mm(a, b), reps) / 1e6, 1)
+    return out
+
+
+def prompts(reps: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {"sample_prompts(linear, 64, 41, 20) ms": ms(lambda: sample_prompts(Linear(), 64, 41, 20, gen), reps * 10)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    res = {"threads": 1, "date": time.strftime("%Y-%m-%d"), "gelu_ms": gelu(a.reps),
+           "attention_ms": attention(a.reps), "gemm_gflops": gemms(a.reps), "prompts": prompts(a.reps)}
+    print(json.dumps(res, indent=2))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
