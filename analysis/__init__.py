@@ -34,6 +34,9 @@ _EXPORTS = {
     "plot_curves": "figures",
     "plot_model_selection": "figures",
     "write_report": "report",
+    "write_frame": "load",
+    "read_frame": "load",
+    "run_check": "checks",
 }
 
 __all__ = sorted(_EXPORTS)

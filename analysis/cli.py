@@ -1,4 +1,4 @@
-"""`iclmix analyze heatmap|curves|report`: figures and a report of a sweep, read from MLflow."""
+"""`iclmix analyze heatmap|curves|report|check|export`: figures, a report and the finding's check of a sweep."""
 
 from __future__ import annotations
 
@@ -47,6 +47,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     common(r)
     map_opts(r)
     r.set_defaults(func=cmd_report)
+
+    k = asub.add_parser("check", help="PASS/FAIL: is the finding of the sweep file's `checks:` section visible?")
+    k.add_argument("--sweep", required=True, help="sweep name (= MLflow experiment)")
+    k.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///ABS/runs/SWEEP/mlflow.db)")
+    k.add_argument("--file", help="sweep file whose `checks:` to use (default: the one logged with the sweep)")
+    k.add_argument("--frame", help="read results from a frame saved by `analyze export` instead of MLflow")
+    k.add_argument("--out", help="also write check.txt and check.csv (the numbers per k / task) here")
+    k.add_argument("--cache", help="artifact cache for remote stores (default: ~/.cache/iclmix/artifacts)")
+    k.add_argument("--workers", type=int, default=8, help="parallel artifact downloads (default 8)")
+    k.set_defaults(func=cmd_check)
+
+    e = asub.add_parser("export", help="save the sweep's tidy frame (one row per trial x task x k x estimator)")
+    e.add_argument("--sweep", required=True, help="sweep name (= MLflow experiment)")
+    e.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///ABS/runs/SWEEP/mlflow.db)")
+    e.add_argument("--out", required=True, help="CSV file (.csv or .csv.gz)")
+    e.add_argument("--cache", help="artifact cache for remote stores (default: ~/.cache/iclmix/artifacts)")
+    e.add_argument("--workers", type=int, default=8, help="parallel artifact downloads (default 8)")
+    e.set_defaults(func=cmd_export)
 
 
 def _where(items: list[str]) -> dict[str, str]:
@@ -141,3 +159,59 @@ def cmd_report(args: argparse.Namespace) -> int:
     files = sorted(p for p in Path(args.out).iterdir() if p.is_file())
     files.remove(page)
     return _finish(args, frame, [page, *files], "analysis/report")
+
+
+def _check_spec(args: argparse.Namespace, tracking_uri: str | None):
+    from icl_core.config import read_yaml
+    from sweeps.findings import validate_checks
+    from sweeps.spec import validate_sweep
+
+    if args.file:
+        source, data = args.file, read_yaml(args.file)
+    else:
+        from .load import sweep_file
+
+        if tracking_uri is None:
+            raise ConfigError("--file", "required with --frame (the checks come from a sweep file)")
+        logged = sweep_file(args.sweep, tracking_uri)
+        if logged is None:
+            raise ConfigError("--file", f"no sweep file is logged with sweep {args.sweep!r}; pass --file")
+        import yaml
+
+        source, data = f"{logged[0]} (logged with the sweep)", yaml.safe_load(logged[1])
+    spec = validate_sweep(data, source)
+    check = validate_checks(spec.checks)
+    if check is None:
+        raise ConfigError("checks", f"{source} has no `checks:` section")
+    return check
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .checks import run_check
+
+    if args.frame:
+        from .load import read_frame
+
+        frame, uri = read_frame(args.frame, args.sweep), None
+    else:
+        frame = _load(args)
+        uri = frame.attrs["tracking_uri"]
+    check = _check_spec(args, uri)
+    result = run_check(frame, check)
+    text = result.text(args.sweep)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "check.txt").write_text(text + "\n")
+        result.table.to_csv(out / "check.csv", index=False)
+    return 0 if result.passed else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .load import write_frame
+
+    frame = _load(args)
+    path = write_frame(frame, args.out)
+    print(f"{path}: {frame['run_id'].nunique()} trials, {len(frame)} rows")
+    return 0

@@ -418,3 +418,29 @@ def log_to_parent(frame: pd.DataFrame, paths: list[Path], artifact_path: str = "
     for p in paths:
         client.log_artifact(parent, str(p), artifact_path)
     return parent
+
+
+def write_frame(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Save a `load_sweep` frame as CSV (gzip when the name ends in .gz): results without MLflow."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def read_frame(path: str | Path, sweep: str | None = None) -> pd.DataFrame:
+    """A frame saved by `write_frame`, with the dtypes `load_sweep` gives."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--frame", f"no such file: {path}")
+    frame = pd.read_csv(path, low_memory=False)
+    missing = {"run_id", "mixture", "task", "k", "estimator", "error"} - set(frame.columns)
+    if missing:
+        raise ConfigError("--frame", f"{path} is not a sweep frame (no column {', '.join(sorted(missing))})")
+    for col in frame.columns:
+        if col.startswith("weight:"):
+            frame[col] = frame[col].fillna(0.0).astype(float)
+    frame["k"] = frame["k"].astype(int)
+    frame["in_support"] = frame["in_support"].astype(str).str.lower().eq("true")
+    frame.attrs.update(sweep=sweep or path.name.split(".")[0], tracking_uri=None, parent_run_id=None)
+    return frame

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from icl_core.config import (
     ConfigError,
     RunConfig,
+    _FieldError,
     config_hash,
     from_validation_error,
     read_yaml,
@@ -28,6 +29,8 @@ from icl_core.config import (
     validate_run_config,
 )
 from icl_core.families import FamilyError, build_family
+
+from .findings import CheckError, validate_checks
 
 
 class _Strict(BaseModel):
@@ -99,6 +102,15 @@ class SweepSpec(_Strict):
     def _slug(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
             raise ValueError(f"must be letters, digits, '_', '-' or '.', got {v!r}")
+        return v
+
+    @field_validator("checks")
+    @classmethod
+    def _valid_checks(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            validate_checks(v)
+        except CheckError as e:
+            raise _FieldError(e.field, e.message) from None
         return v
 
     @field_validator("seeds")

@@ -1,0 +1,232 @@
+"""`iclmix analyze check`: is the finding a sweep exists for visible in its results? PASS/FAIL with the numbers.
+
+The finding and its thresholds come from the sweep file's `checks:` section (`sweeps/findings.py`); this
+module only measures. Model errors are averaged over seeds (trials of a cell), per k, from a `load_sweep`
+frame; estimators that do not depend on the trial (baselines, Bayes) are averaged the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from icl_core.config import ConfigError
+from sweeps.findings import Check, ConvexCombination, FrequencyExtremes, Interpolation, ModelSelection
+
+from .maps import select_best
+
+
+@dataclass
+class CheckResult:
+    """The verdict, one line per number behind it, and the table those numbers come from."""
+
+    finding: str
+    claim: str
+    passed: bool
+    lines: list[str]
+    table: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def text(self, sweep: str = "") -> str:
+        head = f"{sweep}: {self.finding}" if sweep else self.finding
+        return "\n".join([f"{head}: {self.claim}", *(f"  {line}" for line in self.lines),
+                          "PASS" if self.passed else "FAIL"])
+
+
+def _finished(frame: pd.DataFrame) -> pd.DataFrame:
+    return select_best(frame[frame["error"].notna()])
+
+
+def _mixtures(frame: pd.DataFrame) -> list[str]:
+    return [str(m) for m in pd.unique(frame.drop_duplicates("run_id")["mixture"].astype(str))]
+
+
+def _mixture_rows(frame: pd.DataFrame, mixture: str | None) -> pd.DataFrame:
+    have = _mixtures(frame)
+    if mixture is None:
+        if len(have) != 1:
+            raise ConfigError("checks.mixture", f"required: the sweep has {len(have)} mixtures ({', '.join(have)})")
+        mixture = have[0]
+    rows = frame[frame["mixture"].astype(str) == mixture]
+    if rows.empty:
+        raise ConfigError("checks.mixture", f"no finished trial pretrained on {mixture} (have: {', '.join(have)})")
+    return rows
+
+
+def _curve(rows: pd.DataFrame, estimator: str) -> pd.Series:
+    """Mean error per k (over trials) of one estimator; index k."""
+    sel = rows[rows["estimator"] == estimator]
+    return sel.groupby("k", observed=True)["error"].mean()
+
+
+def _level(rows: pd.DataFrame, estimator: str, ks: tuple[int, int] | None = None) -> float:
+    """Mean error over k (k >= 1, or the inclusive range `ks`) and trials."""
+    c = _curve(rows, estimator)
+    c = c[c.index >= 1] if ks is None else c[(c.index >= ks[0]) & (c.index <= ks[1])]
+    return float(c.mean()) if len(c) else math.nan
+
+
+def _need(rows: pd.DataFrame, estimator: str, field_name: str) -> None:
+    if not (rows["estimator"] == estimator).any():
+        raise ConfigError(field_name, f"estimator {estimator!r} was not evaluated in this sweep")
+
+
+def _n_seeds(rows: pd.DataFrame) -> int:
+    return int(rows["run_id"].nunique())
+
+
+# ---------------------------------------------------------------- finding 1
+
+
+def check_model_selection(frame: pd.DataFrame, c: ModelSelection) -> CheckResult:
+    frame = _finished(frame)
+    lines, table, ok = [], [], True
+    for fam, w in ((c.family_a, c.weight), (c.family_b, 1 - c.weight)):
+        wcol = f"weight:{fam}"
+        if wcol not in frame.columns:
+            raise ConfigError("checks.family_a" if fam == c.family_a else "checks.family_b",
+                              f"{fam} is in no pretraining mixture of this sweep")
+        rows = frame[frame["task"].astype(str) == fam]
+        if rows.empty:
+            raise ConfigError("checks", f"the sweep has no eval task {fam}")
+        mixed = rows[np.isclose(rows[wcol], w)]
+        special = rows[np.isclose(rows[wcol], 1.0)]
+        if mixed.empty or special.empty:
+            missing = f"weight {w:g}" if mixed.empty else "weight 1 (the specialist)"
+            raise ConfigError("checks.weight", f"no finished trial with {fam} at {missing}")
+        _need(mixed, "bayes_pretrain", "checks")
+        df = pd.DataFrame({"model": _curve(mixed, "model"), "specialist": _curve(special, "model"),
+                           "bayes_pretrain": _curve(mixed, "bayes_pretrain")}).dropna()
+        df["limit_specialist"] = df["specialist"] + np.maximum(c.rel_tol * df["specialist"], c.abs_tol)
+        df["limit_bayes"] = df["bayes_pretrain"] + np.maximum(c.bayes_rel_tol * df["bayes_pretrain"], c.abs_tol)
+        df["ok"] = (df["model"] <= df["limit_specialist"]) & (df["model"] <= df["limit_bayes"])
+        worst = (df["model"] - df[["limit_specialist", "limit_bayes"]].min(axis=1)).idxmax()
+        r = df.loc[worst]
+        fam_ok = bool(df["ok"].all())
+        ok &= fam_ok
+        bad = [int(k) for k in df.index[~df["ok"]]]
+        lines.append(
+            f"{fam} (weight {w:g}, {_n_seeds(mixed)} seeds; specialist {_n_seeds(special)} seeds): "
+            f"{'ok at every k' if fam_ok else f'over the limit at k = {bad}'}; worst k = {int(worst)}: "
+            f"model {r['model']:.4f}, specialist {r['specialist']:.4f} (limit {r['limit_specialist']:.4f}), "
+            f"bayes_pretrain {r['bayes_pretrain']:.4f} (limit {r['limit_bayes']:.4f})")
+        table.append(df.reset_index().assign(family=fam, weight=w))
+    claim = (f"at weight {c.weight:g} the model is within max({c.rel_tol:.0%}, {c.abs_tol:g}) of each family's "
+             f"specialist and within max({c.bayes_rel_tol:.0%}, {c.abs_tol:g}) of bayes_pretrain at every k")
+    return CheckResult("model_selection", claim, ok, lines, pd.concat(table, ignore_index=True))
+
+
+# ---------------------------------------------------------------- finding 2
+
+
+def check_interpolation(frame: pd.DataFrame, c: Interpolation) -> CheckResult:
+    rows = _mixture_rows(_finished(frame), c.mixture)
+    _need(rows, c.low, "checks.low")
+    _need(rows, c.high, "checks.high")
+    dim = int(rows["dim"].dropna().iloc[0])
+    ks = c.k or (1, dim - 1)
+    lines, table, ok = [], [], True
+    for nnz in c.test_nnz:
+        sub = rows[(rows["task_family"].astype(str).isin(["sparse_linear", "linear"])) & np.isclose(rows["nnz"], nnz)]
+        if sub.empty:
+            raise ConfigError("checks.test_nnz", f"the sweep has no eval task with nnz = {nnz}")
+        m, lo, hi = (_level(sub, e, ks) for e in ("model", c.low, c.high))
+        pos = (m - lo) / (hi - lo) if hi != lo else math.nan
+        inside = c.position[0] <= pos <= c.position[1]
+        ok &= bool(inside)
+        lines.append(f"nnz = {nnz}: {c.low} {lo:.4f} <= model {m:.4f} <= {c.high} {hi:.4f}? position {pos:.2f} "
+                     f"{'inside' if inside else 'outside'} [{c.position[0]:g}, {c.position[1]:g}]")
+        table.append({"nnz": nnz, "model": m, c.low: lo, c.high: hi, "position": pos, "ok": inside})
+    claim = (f"pretrained on {c.mixture} ({_n_seeds(rows)} seeds), at intermediate nnz the model's error "
+             f"(mean over k = {ks[0]}…{ks[1]}) lies between {c.low}'s and {c.high}'s")
+    return CheckResult("interpolation", claim, ok, lines, pd.DataFrame(table))
+
+
+# ---------------------------------------------------------------- finding 3
+
+
+def check_convex_combination(frame: pd.DataFrame, c: ConvexCombination) -> CheckResult:
+    rows = _mixture_rows(_finished(frame), c.mixture)
+    rows = rows[rows["task_family"].astype(str) == "convex"]
+    if rows.empty:
+        raise ConfigError("checks", "the sweep has no convex-combination eval tasks")
+    _need(rows, c.reference, "checks.reference")
+    alphas = sorted(float(a) for a in pd.unique(rows["alpha"].dropna()))
+    excess = {}
+    for a in alphas:
+        sub = rows[np.isclose(rows["alpha"], a)]
+        excess[a] = _level(sub, "model") - _level(sub, c.reference)
+    edges = [a for a in alphas if any(math.isclose(a, e) for e in c.edge_alphas)]
+    inner = [a for a in alphas if a not in edges]
+    if not edges or not inner:
+        raise ConfigError("checks.edge_alphas", f"need edge and intermediate alphas among the tasks' {alphas}")
+    edge_max = max(excess[a] for a in edges)
+    peak = max(inner, key=lambda a: excess[a])
+    edges_ok = edge_max <= c.edge_max_excess
+    peak_ok = excess[peak] >= max(excess[a] for a in alphas) and excess[peak] >= c.peak_ratio * max(edge_max, 1e-9)
+    lines = ["excess over " + c.reference + " by alpha: " + ", ".join(f"{a:g}: {excess[a]:.4f}" for a in alphas),
+             f"edges {', '.join(f'{a:g}' for a in edges)}: largest excess {edge_max:.4f} "
+             f"{'<=' if edges_ok else '>'} {c.edge_max_excess:g}",
+             f"peak at alpha = {peak:g}: {excess[peak]:.4f} = {excess[peak] / max(edge_max, 1e-9):.1f} x the largest "
+             f"edge excess ({'>=' if peak_ok else 'below'} {c.peak_ratio:g} x, and "
+             f"{'the' if peak_ok else 'not the'} overall maximum)"]
+    table = pd.DataFrame({"alpha": alphas, "excess": [excess[a] for a in alphas],
+                          "edge": [a in edges for a in alphas]})
+    claim = (f"pretrained on {str(rows['mixture'].iloc[0])} ({_n_seeds(rows)} seeds), the model's excess over "
+             f"{c.reference} (mean over k >= 1) is small at alpha in {c.edge_alphas} and peaks in between")
+    return CheckResult("convex_combination", claim, bool(edges_ok and peak_ok), lines, table)
+
+
+# ---------------------------------------------------------------- finding 4
+
+
+def check_frequency_extremes(frame: pd.DataFrame, c: FrequencyExtremes) -> CheckResult:
+    rows = _mixture_rows(_finished(frame), c.mixture)
+    rows = rows[rows["freq"].notna()]
+    if rows.empty:
+        raise ConfigError("checks", "the sweep has no single-frequency sine eval tasks")
+    freqs = sorted(float(f) for f in pd.unique(rows["freq"]))
+    err = {f: _level(rows[np.isclose(rows["freq"], f)], "model") for f in freqs}
+    inside = {f: bool(rows[np.isclose(rows["freq"], f)]["in_support"].all()) for f in freqs}
+    band = [f for f in freqs if inside[f]]
+    if not band:
+        raise ConfigError("checks.mixture", "no test frequency lies inside its pretraining band")
+    lo, hi = min(band), max(band)
+    if c.extremes is not None:
+        missing = [f for f in c.extremes if not any(math.isclose(f, g) for g in freqs)]
+        if missing:
+            raise ConfigError("checks.extremes", f"no eval task at frequency {missing} (have {freqs})")
+        extremes = [g for g in freqs if any(math.isclose(f, g) for f in c.extremes)]
+    else:
+        extremes = [f for f in (min(freqs), max(freqs)) if not inside[f]]
+    if not extremes:
+        raise ConfigError("checks.extremes", "no test frequency outside the pretraining band")
+    inband = float(np.mean([err[f] for f in band]))
+    ratios = {f: err[f] / inband for f in extremes}
+    ok = all(r >= c.min_ratio for r in ratios.values())
+    lines = ["model error by test frequency: " + ", ".join(
+                 f"{f:g}{'*' if inside[f] else ''}: {err[f]:.4f}" for f in freqs) + "   (* = inside the band)",
+             f"inside the band ({lo:g}…{hi:g}): mean {inband:.4f}",
+             *(f"frequency {f:g}: {err[f]:.4f} = {ratios[f]:.1f} x the in-band error "
+               f"({'>=' if ratios[f] >= c.min_ratio else 'below'} {c.min_ratio:g} x)" for f in extremes)]
+    table = pd.DataFrame({"freq": freqs, "model": [err[f] for f in freqs], "in_band": [inside[f] for f in freqs]})
+    claim = (f"pretrained on {c.mixture} ({_n_seeds(rows)} seeds), the model's error (mean over k >= 1) at the "
+             f"extreme frequencies is at least {c.min_ratio:g} x its error inside the band")
+    return CheckResult("frequency_extremes", claim, ok, lines, table)
+
+
+CHECKS = {
+    ModelSelection: check_model_selection,
+    Interpolation: check_interpolation,
+    ConvexCombination: check_convex_combination,
+    FrequencyExtremes: check_frequency_extremes,
+}
+
+
+def run_check(frame: pd.DataFrame, check: Check) -> CheckResult:
+    """Evaluate the sweep file's check on a `load_sweep` frame."""
+    if not frame["error"].notna().any():
+        raise ConfigError("--sweep", "no finished trial with evaluation results yet")
+    return CHECKS[type(check)](frame, check)
