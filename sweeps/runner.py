@@ -273,6 +273,52 @@ def _init_ray(address: str | None) -> str | None:
     return tmp
 
 
+def check_shared_storage(root: str, timeout: float = 120.0) -> None:
+    """On a multi-node cluster a local storage path must be one every node mounts (checkpoints move between
+    nodes when trials are retried): the driver writes a marker there and a task pinned to each alive node
+    reads it back. Stops before anything launches instead of failing trial by trial."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if _is_uri(root):
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    token = uuid.uuid4().hex
+    marker = Path(root) / f".iclmix-shared-{token}"
+    marker.write_text(token)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def _sees(path: str, expected: str) -> bool:
+        try:
+            return Path(path).read_text() == expected
+        except OSError:
+            return False
+
+    try:
+        refs = {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": _sees.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker),
+                                                                                                       token)
+                for n in nodes}
+        blind = []
+        for name, ref in refs.items():
+            try:
+                ok = ray.get(ref, timeout=timeout)
+            except Exception:  # a node that cannot run the probe cannot be trusted with checkpoints either
+                ok = False
+            if not ok:
+                blind.append(name)
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise ConfigError("--storage", f"{root} is not shared by every node of the cluster ({len(blind)} of "
+                          f"{len(nodes)} cannot see it: {', '.join(blind)}); pass a path all nodes mount (NFS) "
+                          "or a cloud URI such as s3://BUCKET/iclmix")
+
+
 def run_sweep(
     path: str | Path,
     *,
@@ -303,6 +349,8 @@ def run_sweep(
         print(f"[{spec.name}] MLflow: {server.backend_uri} (served at {server.uri} while the sweep runs)", flush=True)
     ray_tmp = None
     try:
+        ray_tmp = _init_ray(address)
+        check_shared_storage(root)
         client = MlflowClient(tracking_uri)
         exp_id = tr.experiment_id(client, spec.name)
         commit = tr.git_commit(ROOT)
@@ -315,8 +363,6 @@ def run_sweep(
         already = len({t.hash for t in trials} & done) if spec.tune is None else len(done)
         print(f"[{spec.name}] {total} trials, {min(already, total)} already finished in MLflow", flush=True)
         progress = Progress(spec.name, total, min(already, total))
-
-        ray_tmp = _init_ray(address)
         if spec.tune is None:
             _grid_round(ctx, trials, done, progress)
         else:

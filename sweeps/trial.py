@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+import ray
 import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
@@ -151,7 +152,10 @@ def run_trial(config: dict[str, Any]) -> None:
             )
         else:
             client.update_run(run_id, status="RUNNING")
-        tr.set_tags(client, run_id, {"iclmix.resumed_from": source, "iclmix.node": os.uname().nodename})
+        ctx = ray.get_runtime_context()
+        tr.set_tags(client, run_id, {"iclmix.resumed_from": source, "iclmix.node": os.uname().nodename,
+                                     "iclmix.ray_node": ctx.get_node_id(),
+                                     "iclmix.gpu_ids": ",".join(map(str, ray.get_gpu_ids()))})
         tr.log_params(client, run_id, tr.flatten_config(cfg.to_dict()))
         if source != "fresh":
             _backfill_metrics(client, run_id, work / METRICS)
