@@ -424,7 +424,7 @@ def write_frame(frame: pd.DataFrame, path: str | Path) -> Path:
     """Save a `load_sweep` frame as CSV (gzip when the name ends in .gz): results without MLflow."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
+    frame.to_csv(path, index=False, float_format="%.6g")  # 6 digits: far below the bootstrap noise
     return path
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +37,24 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
         [sys.executable, "-m", "iclmix", *map(str, args)],
         cwd=cwd or ROOT, env={**cli_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@contextlib.contextmanager
+def private_ray_tmpdir() -> Iterator[str]:
+    """A short private RAY_TMPDIR (socket paths must stay under 108 characters) so that no other process's
+    `ray.init()` finds the clusters a test starts; yields the `temp_dir` to give the head node."""
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    os.makedirs(f"{tmp}/ray")  # Ray keeps its files (and ray_current_cluster) in $RAY_TMPDIR/ray
+    old = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp
+    try:
+        yield f"{tmp}/ray"
+    finally:
+        if old is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import mlflow
 import pytest
 import yaml
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, private_ray_tmpdir, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -35,24 +33,16 @@ def ray_head():
 
     from sweeps.mlflow_server import free_port
 
-    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    os.makedirs(f"{tmp}/ray")  # Ray keeps its files in $RAY_TMPDIR/ray
-    old = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp
-    port = free_port()
-    try:
+    with private_ray_tmpdir() as temp_dir:
+        port = free_port()
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
-            "temp_dir": f"{tmp}/ray",
+            "temp_dir": temp_dir,
         })
-        yield cluster, f"http://127.0.0.1:{port}"
-        cluster.shutdown()
-    finally:
-        if old is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = old
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            yield cluster, f"http://127.0.0.1:{port}"
+        finally:
+            cluster.shutdown()
 
 
 def finished(uri: str, sweep: str) -> int:
