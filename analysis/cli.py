@@ -24,6 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--cache", help="artifact cache for remote stores (default: ~/.cache/iclmix/artifacts)")
         q.add_argument("--workers", type=int, default=8, help="parallel artifact downloads (default 8)")
         q.add_argument("--no-log", action="store_true", help="do not log the outputs to the sweep's parent run")
+        q.add_argument("--dpi", type=int, default=130, help="PNG resolution (default 130; e.g. 70 for small docs)")
 
     def map_opts(q: argparse.ArgumentParser) -> None:
         q.add_argument("--test-axis", help="nnz, freq, alpha or task (default: chosen from the eval tasks)")
@@ -79,6 +80,13 @@ def _where(items: list[str]) -> dict[str, str]:
 
 def _load(args: argparse.Namespace):
     from .load import default_tracking_uri, load_sweep
+
+    if getattr(args, "dpi", None) is not None:
+        if not 20 <= args.dpi <= 600:
+            raise ConfigError("--dpi", f"must be between 20 and 600, got {args.dpi}")
+        from . import figures
+
+        figures.DPI = args.dpi
 
     uri = args.tracking_uri or default_tracking_uri(args.sweep)
     if args.workers < 1:

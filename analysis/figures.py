@@ -47,12 +47,15 @@ AXIS_LABEL = {
 }
 
 
+DPI = 130  # PNG resolution; `--dpi` on the analyze commands sets it
+
+
 def save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
-    """Write `stem`.png and `stem`.svg into out_dir."""
+    """Write `stem`.png (at DPI) and `stem`.svg into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.png", out / f"{stem}.svg"]
-    fig.savefig(paths[0], dpi=130, bbox_inches="tight", facecolor="white")
+    fig.savefig(paths[0], dpi=DPI, bbox_inches="tight", facecolor="white")
     fig.savefig(paths[1], bbox_inches="tight", facecolor="white")
     return paths
 
