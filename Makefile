@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench reproduce clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ lint: setup
 bench: setup
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench
+	$(PY) -m bench.sweep_overhead
+
+# The four CPU-scale reproductions of docs/reproduction.md (about 1.5 h on 2 cores; rerun to resume).
+reproduce: setup
+	PY=$(PY) bash docs/reproduce.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
