@@ -22,6 +22,7 @@ from sweeps.spec import load_sweep
 FIXTURES = ROOT / "tests" / "fixtures"
 VERDICTS = {  # as reported in docs/reproduction.md
     "linear_sine_cpu": "PASS",
+    "sine_frequency_cpu": "PASS",
 }
 
 
@@ -66,3 +67,70 @@ def test_convex_combination_numbers_and_thresholds():
     assert not run_check(bad, c).passed
     # The thresholds are the sweep file's: a stricter peak ratio fails the same results.
     assert not run_check(f, c.model_copy(update={"peak_ratio": 100.0})).passed
+
+
+def test_model_selection_numbers_and_thresholds():
+    f, c = frame("mixture_weights_cpu"), check_of("mixture_weights_cpu")
+    res = run_check(f, c)
+    t = res.table
+    for fam, w in ((c.family_a, c.weight), (c.family_b, 1 - c.weight)):
+        rows = f[(f["task"] == fam) & (f["estimator"] == "model")]
+        mixed = rows[np.isclose(rows[f"weight:{fam}"], w)].groupby("k")["error"].mean()
+        special = rows[np.isclose(rows[f"weight:{fam}"], 1.0)].groupby("k")["error"].mean()
+        got = t[t["family"] == fam].set_index("k")
+        assert np.allclose(got["model"], mixed.loc[got.index])
+        assert np.allclose(got["specialist"], special.loc[got.index])
+    expected = bool(t["ok"].all())
+    assert res.passed == expected
+    # A mixture model that matches the better of its specialist and bayes_pretrain at every k passes;
+    # one 50 % worse than its specialist everywhere fails.
+    good, bad = f.copy(), f.copy()
+    for fam, w in ((c.family_a, c.weight), (c.family_b, 1 - c.weight)):
+        at = (f["task"] == fam) & np.isclose(f[f"weight:{fam}"], w)
+        special = f[(f["task"] == fam) & np.isclose(f[f"weight:{fam}"], 1.0) & (f["estimator"] == "model")]
+        best = np.minimum(special.groupby("k")["error"].mean(),
+                          f[at & (f["estimator"] == "bayes_pretrain")].groupby("k")["error"].mean())
+        m = at & (f["estimator"] == "model")
+        good.loc[m, "error"] = f.loc[m, "k"].map(best).to_numpy()
+        bad.loc[m, "error"] = f.loc[m, "k"].map(special.groupby("k")["error"].mean() * 1.5 + 0.05).to_numpy()
+    assert run_check(good, c).passed
+    assert not run_check(bad, c).passed
+
+
+def test_interpolation_numbers_and_thresholds():
+    f, c = frame("sparsity_coverage_cpu"), check_of("sparsity_coverage_cpu")
+    res = run_check(f, c)
+    rows = f[(f["mixture"] == c.mixture) & f["k"].between(1, int(f["dim"].iloc[0]) - 1)]
+    for _, r in res.table.iterrows():
+        sub = rows[np.isclose(rows["nnz"], r["nnz"])]
+        level = {e: sub[sub["estimator"] == e]["error"].mean() for e in ("model", c.low, c.high)}
+        assert np.isclose(r["model"], level["model"]) and np.isclose(r[c.low], level[c.low])
+        assert np.isclose(r["position"], (level["model"] - level[c.low]) / (level[c.high] - level[c.low]))
+    assert res.passed == bool(res.table["ok"].all())
+    # A model halfway between lasso and least squares at every k passes; one at least squares + 0.1 fails.
+    for shift, verdict in ((None, True), (0.1, False)):
+        g = f.copy()
+        at = (g["mixture"] == c.mixture) & (g["task_family"] == "sparse_linear")
+        for task, grp in g[at].groupby("task"):
+            per_k = grp.pivot_table(index="k", columns="estimator", values="error")
+            target = per_k[c.high] + shift if shift is not None else (per_k[c.low] + per_k[c.high]) / 2
+            m = at & (g["task"] == task) & (g["estimator"] == "model")
+            g.loc[m, "error"] = g.loc[m, "k"].map(target).to_numpy()
+        assert run_check(g, c).passed is verdict
+
+
+def test_frequency_extremes_numbers_and_thresholds():
+    f, c = frame("sine_frequency_cpu"), check_of("sine_frequency_cpu")
+    res = run_check(f, c)
+    rows = f[(f["mixture"] == c.mixture) & (f["estimator"] == "model") & (f["k"] >= 1) & f["freq"].notna()]
+    err = rows.groupby("freq")["error"].mean()
+    inside = rows.groupby("freq")["in_support"].all()
+    assert np.allclose(res.table.set_index("freq")["model"], err)
+    ratio = err / err[inside].mean()
+    lo, hi = err.index.min(), err.index.max()
+    assert res.passed == bool(min(ratio[lo], ratio[hi]) >= c.min_ratio)
+    # A model as good outside its band as inside: the finding is gone.
+    flat = f.copy()
+    m = (flat["mixture"] == c.mixture) & (flat["estimator"] == "model") & ~flat["in_support"]
+    flat.loc[m, "error"] = err[inside].mean()
+    assert not run_check(flat, c).passed
