@@ -22,6 +22,7 @@ from sweeps.spec import load_sweep
 FIXTURES = ROOT / "tests" / "fixtures"
 VERDICTS = {  # as reported in docs/reproduction.md
     "linear_sine_cpu": "PASS",
+    "mixture_weights_cpu": "FAIL",  # the d = 5 models stayed on the ICL plateau (docs/reproduction.md)
     "sine_frequency_cpu": "PASS",
 }
 
