@@ -136,7 +136,8 @@ def check_interpolation(frame: pd.DataFrame, c: Interpolation) -> CheckResult:
         pos = (m - lo) / (hi - lo) if hi != lo else math.nan
         inside = c.position[0] <= pos <= c.position[1]
         ok &= bool(inside)
-        lines.append(f"nnz = {nnz}: {c.low} {lo:.4f} <= model {m:.4f} <= {c.high} {hi:.4f}? position {pos:.2f} "
+        lines.append(f"nnz = {nnz}: model {m:.4f} between {c.low} {lo:.4f} and {c.high} {hi:.4f}? position "
+                     f"(model - {c.low}) / ({c.high} - {c.low}) = {pos:.2f}, "
                      f"{'inside' if inside else 'outside'} [{c.position[0]:g}, {c.position[1]:g}]")
         table.append({"nnz": nnz, "model": m, c.low: lo, c.high: hi, "position": pos, "ok": inside})
     claim = (f"pretrained on {c.mixture} ({_n_seeds(rows)} seeds), at intermediate nnz the model's error "
