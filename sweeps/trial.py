@@ -161,7 +161,9 @@ def run_trial(config: dict[str, Any]) -> None:
             _backfill_metrics(client, run_id, work / METRICS)
         try:
             buffer = tr.MetricBuffer(client, run_id)
-            callbacks = [buffer, RayReporter(store, key, cfg.train.steps)]
+            # The checkpoint is stored before the metrics up to it are flushed: a trial killed in between resumes
+            # from that checkpoint and backfills them, never re-running (and re-logging) steps MLflow has.
+            callbacks = [RayReporter(store, key, cfg.train.steps), buffer]
             if os.environ.get("ICLMIX_FAULT_ONCE"):
                 callbacks.append(FaultOnce(os.environ["ICLMIX_FAULT_ONCE"], key))
             result = train(cfg, work, resume=True, progress=False, extra={"mlflow_run_id": run_id},
