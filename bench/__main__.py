@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="+", default=["small", "paper"], choices=sorted(train_speed.SIZES))
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: per-core figures that hold up on a shared machine)")
+    p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time our step with train.compile, as the paper-scale sweeps train (on by default)")
     p.add_argument("--levers", action="store_true", help="also time each performance lever against our default")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="the evaluation benchmark (bench.eval_speed; on by default)")
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": train_speed.machine(),
         "rounds": rounds,
-        "train": [train_speed.compare_size(s, rounds, steps[s], eager=True) for s in a.sizes],
+        "train": [train_speed.compare_size(s, rounds, steps[s], eager=True, compiled=a.compiled) for s in a.sizes],
     }
     print(train_speed.format_table(res["train"], "wall"))
     print(train_speed.format_table(res["train"], "cpu"))

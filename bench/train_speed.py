@@ -12,7 +12,7 @@ MFU = model FLOPs per step (`ICLTransformer.flops_per_step`: 2n - 1 tokens, forw
 useful work for both models) / step time, over float32 torch.mm throughput (1024^3) timed in the same rounds
 at the same thread count.
 
-    python -m bench.train_speed [--sizes small paper] [--rounds 5] [--threads 1] [--eager] [--json OUT]
+    python -m bench.train_speed [--sizes small paper] [--rounds 5] [--threads 1] [--eager] [--no-compiled] [--json OUT]
     python -m bench.train_speed --levers [NAME ...]      # each lever against our default step
 """
 
@@ -269,11 +269,18 @@ def run(cs: list[Contender], rounds: int, steps: int) -> dict:
     return {"loadavg_before_after": [load_before, load()], "contenders": contenders}
 
 
-def compare_size(size: str, rounds: int, steps: int | None = None, eager: bool = False) -> dict:
-    """Ours vs the comparator at one size: steps/s of each, the ratio, MFU."""
+def compare_size(size: str, rounds: int, steps: int | None = None, eager: bool = False,
+                 compiled: bool = True) -> dict:
+    """Ours vs the comparator at one size: steps/s of each, the ratio, MFU.
+
+    `ours` is the default step (`train.compile: false`); `ours_compiled` the step with `train.compile: true`, as
+    the paper-scale sweep files train (its compile time falls in the warm-up steps, outside the timing).
+    """
     cfg = model_config(size)
     flops = ICLTransformer(cfg).flops_per_step(POINTS, BATCH)
     cs = [Contender("ours", ours(cfg), flops), Contender("hf_gpt2", comparator(cfg), flops)]
+    if compiled:
+        cs.append(Contender("ours_compiled", ours(cfg, compile=True), flops))
     if eager:
         cs.append(Contender("hf_gpt2_eager", comparator(cfg, attn_implementation="eager"), flops))
     res = {"size": size, "model": SIZES[size], "flops_per_step": flops, "threads": torch.get_num_threads(),
@@ -363,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=None, help="steps per contender per round (default per size)")
     p.add_argument("--eager", action="store_true", help="also time HF GPT2 with eager (2022-era) attention")
+    p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time our step with train.compile (on by default)")
     p.add_argument("--levers", nargs="*", default=None, choices=sorted(LEVERS),
                    help="time these levers (all when none named) against our default instead")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the whole run")
@@ -380,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         names = a.levers or list(LEVERS)
         results = [levers(s, names, a.rounds, a.steps) for s in a.sizes]
     else:
-        results = [compare_size(s, a.rounds, a.steps, a.eager) for s in a.sizes]
+        results = [compare_size(s, a.rounds, a.steps, a.eager, a.compiled) for s in a.sizes]
     for clock in ("wall", "cpu"):
         print(format_table(results, clock))
     if a.json:

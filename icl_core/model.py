@@ -50,6 +50,24 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, q.shape[2], C))
 
 
+GELU_K = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in the form fastest where it runs.
+
+    Eager: ATen's fused kernel. Under torch.compile: x * sigmoid(2u), which inductor fuses into one exp kernel
+    forward and one backward, 2.2x faster than ATen's tanh on CPU and equal to it within float32 rounding
+    (docs/performance.md, "GELU"); compiled, ATen's form keeps a slow vectorised tanh.
+    """
+    if not torch.compiler.is_compiling():
+        return F.gelu(x, approximate="tanh")
+    # 0.5 (1 + tanh u) = sigmoid(2u). At |x| = 20, sigmoid(2u) is exactly 0 or 1 in float32: clamping there keeps
+    # x^3 from overflowing and leaves the function and its gradient (0 or 1 beyond) as they are.
+    c = x.clamp(-20.0, 20.0)
+    return x * torch.sigmoid((2.0 * GELU_K) * (c + 0.044715 * c * c * c))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -57,7 +75,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's gelu
+        return self.c_proj(gelu_tanh(self.c_fc(x)))
 
 
 class Block(nn.Module):

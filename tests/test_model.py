@@ -59,3 +59,33 @@ def test_rejects_prompts_longer_than_its_positions():
         assert "max_points=12" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_compiled_gelu_is_gpt2_gelu_with_finite_gradients():
+    # Under torch.compile gelu_tanh switches to its exp form; it must stay GPT-2's function and never overflow.
+    from icl_core.model import gelu_tanh
+
+    x = torch.cat([torch.linspace(-100, 100, 200_001), torch.tensor([-3.4e38, 3.4e38, 0.0])])
+    eager_x, comp_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager = gelu_tanh(eager_x)
+    compiled = torch.compile(gelu_tanh)(comp_x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    eager.sum().backward()
+    compiled.sum().backward()
+    assert torch.isfinite(comp_x.grad).all()  # ATen's own gradient is NaN beyond |x| ~ 1e19
+    torch.testing.assert_close(comp_x.grad[:-3], eager_x.grad[:-3], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_model_gives_the_eager_predictions_and_gradients():
+    model = small_model()
+    g = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(8, 12, 5, generator=g), torch.randn(8, 12, generator=g)
+    losses, grads = [], []
+    for forward in (model, torch.compile(model)):
+        model.zero_grad()
+        loss = (forward(xs, ys) - ys).square().mean()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)

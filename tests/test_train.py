@@ -78,6 +78,21 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     assert "non-finite" in line and "at step" in line and "Traceback" not in r.stderr
 
 
+def test_compiled_training_follows_the_eager_run(tmp_path):
+    # train.compile: true is the speed setting for long runs; it must train the same model, checkpoint included.
+    losses, states = [], []
+    for compile_ in (False, True):
+        cfg = validate_run_config(tiny(steps=30, log_every=1, checkpoint_every=30, compile=compile_))
+        train(cfg, tmp_path / str(compile_), progress=False)
+        losses.append([float(r["loss"]) for r in read_metrics(tmp_path / str(compile_) / METRICS)])
+        states.append(torch.load(tmp_path / str(compile_) / CHECKPOINT, weights_only=False)["model"])
+    assert len(losses[1]) == 30
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3, abs=1e-5)
+    assert states[1].keys() == states[0].keys()  # the plain model's names, not torch.compile's wrapper's
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[1][name], value, rtol=1e-3, atol=1e-4, msg=name)
+
+
 def test_existing_run_needs_resume_and_the_same_config(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny(steps=20, checkpoint_every=10)))
