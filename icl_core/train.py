@@ -203,6 +203,8 @@ def train(
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
     loss_val = float("nan")
+    first_bad = torch.zeros((), dtype=torch.long, device=device)
+    bad_loss = torch.zeros((), device=device)
     start = time.perf_counter()
     bar = _progress_bar(tc.steps, step, progress)
     model.train()
@@ -219,9 +221,11 @@ def train(
             with autocast:
                 pred = forward(xs, ys)
             loss = (pred.float() - ys).square().mean()
-            loss_val = loss.item()
-            if not math.isfinite(loss_val):
-                raise NonFiniteLossError(step + 1, loss_val)
+            # The first non-finite step is kept on the device and read at log and checkpoint steps only: a
+            # per-step loss.item() would make the host wait for the GPU every step. Steps after it run on NaN
+            # weights that are never logged or saved.
+            first_bad = torch.where(torch.isfinite(loss) | (first_bad > 0), first_bad, step + 1)
+            bad_loss = torch.where(first_bad == step + 1, loss.detach(), bad_loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip > 0:
@@ -229,7 +233,11 @@ def train(
             optimizer.step()
             step += 1
 
-            if step % tc.log_every == 0 or step == 1 or step == tc.steps:
+            log_now = step % tc.log_every == 0 or step == 1 or step == tc.steps
+            if log_now or step % tc.checkpoint_every == 0:
+                _raise_if_non_finite(first_bad, bad_loss)
+            if log_now:
+                loss_val = loss.item()
                 last = {"loss": loss_val, "lr": lr, "n_dims": n_dims, "n_points": n_points}
                 writer.writerow({"step": step, **last, "time_s": round(time.perf_counter() - start, 3)})
                 metrics_file.flush()
@@ -247,6 +255,11 @@ def train(
     if bar is not None:
         bar.close()
     return TrainResult(model, cfg, out, step, last.get("loss", loss_val), extra)
+
+
+def _raise_if_non_finite(first_bad: torch.Tensor, bad_loss: torch.Tensor) -> None:
+    if step := int(first_bad):
+        raise NonFiniteLossError(step, bad_loss.item())
 
 
 def _save(out: Path, model, optimizer, gen, step, cfg: RunConfig, extra, metrics) -> None:

@@ -267,10 +267,23 @@ def _init_ray(address: str | None) -> str | None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         return None
+    import torch
+
     tmp = tempfile.mkdtemp(prefix="iclray-", dir="/tmp")
+    # The GPUs torch sees, stated rather than left to Ray's own detection (NVML), which can miss them.
     ray.init(address="local", _temp_dir=tmp, include_dashboard=False, runtime_env={"env_vars": env},
-             log_to_driver=True)
+             log_to_driver=True, num_gpus=torch.cuda.device_count())
     return tmp
+
+
+def check_local_gpus(gpus_per_trial: float) -> None:
+    """The private local runtime has only this machine's GPUs: GPU trials without one would wait forever.
+    (A cluster may still bring GPU nodes up, so `--address` skips this.)"""
+    import torch
+
+    if gpus_per_trial > 0 and not torch.cuda.is_available():
+        raise ConfigError("resources.gpu", f"{gpus_per_trial:g} GPU per trial, but this machine has no CUDA GPU "
+                          "for the local Ray runtime; set resources.gpu: 0 or join a cluster with --address")
 
 
 def check_shared_storage(root: str, timeout: float = 120.0) -> None:
@@ -335,6 +348,8 @@ def run_sweep(
         os.environ.setdefault(key, value)
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = "auto"  # submitted with `ray job submit`
+    if address is None:
+        check_local_gpus(spec.resources.gpu)
 
     from mlflow.tracking import MlflowClient
 

@@ -24,7 +24,15 @@ from ray import tune
 
 from icl_core.config import validate_run_config
 from icl_core.evaluate import EVAL_CSV, evaluate_run, summarize, write_eval_csv
-from icl_core.train import CHECKPOINT, CONFIG, METRICS, NonFiniteLossError, load_checkpoint, train
+from icl_core.train import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    NonFiniteLossError,
+    load_checkpoint,
+    resolve_device,
+    train,
+)
 
 from . import tracking as tr
 
@@ -125,15 +133,30 @@ def _backfill_metrics(client: MlflowClient, run_id: str, metrics_csv: Path) -> N
     tr.log_metrics(client, run_id, batch)
 
 
+def claim_device(gpus: float, wanted: str) -> tuple[torch.device, dict[str, str]]:
+    """The device this trial trains on, with its GPU memory capped to the trial's fraction, and tags saying so.
+
+    Ray's fractional GPUs are bookkeeping only: without the cap, trials packed on one GPU could take all of it.
+    """
+    device = resolve_device(wanted)
+    tags = {"iclmix.device": str(device)}
+    if device.type == "cuda":
+        fraction = min(1.0, gpus) if gpus > 0 else 1.0
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+        torch.cuda.reset_peak_memory_stats(device)  # a reused trial actor keeps the previous trial's peak
+        props = torch.cuda.get_device_properties(device)
+        tags.update({"iclmix.gpu_name": props.name, "iclmix.gpu_memory_fraction": f"{fraction:g}",
+                     "iclmix.gpu_memory_cap_gib": f"{fraction * props.total_memory / 2**30:.2f}"})
+    return device, tags
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """Ray Tune entry point; `config["trial"]` is the payload built by the driver."""
     t = config["trial"]
     cfg = validate_run_config(t["config"])
     key = t["hash"]
     torch.set_num_threads(max(1, int(t.get("cpus", 1))))
-    gpu = float(t.get("gpus", 0))
-    if gpu > 0 and torch.cuda.is_available():
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu))  # fractional GPUs are bookkeeping only
+    device, device_tags = claim_device(float(t.get("gpus", 0)), cfg.train.device)
 
     client = MlflowClient(t["tracking_uri"])
     store = CheckpointStore(t["store"])
@@ -155,7 +178,7 @@ def run_trial(config: dict[str, Any]) -> None:
         ctx = ray.get_runtime_context()
         tr.set_tags(client, run_id, {"iclmix.resumed_from": source, "iclmix.node": os.uname().nodename,
                                      "iclmix.ray_node": ctx.get_node_id(),
-                                     "iclmix.gpu_ids": ",".join(map(str, ray.get_gpu_ids()))})
+                                     "iclmix.gpu_ids": ",".join(map(str, ray.get_gpu_ids())), **device_tags})
         tr.log_params(client, run_id, tr.flatten_config(cfg.to_dict()))
         if source != "fresh":
             _backfill_metrics(client, run_id, work / METRICS)
@@ -177,6 +200,8 @@ def run_trial(config: dict[str, Any]) -> None:
             return
         write_eval_csv(rows, work / EVAL_CSV)
         summary = summarize(rows)
+        if device.type == "cuda":  # what the trial took of its GPU, to set against iclmix.gpu_memory_cap_gib
+            summary["gpu/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         now = int(time.time() * 1000)
         tr.log_metrics(client, run_id, [Metric(k, v, now, result.step) for k, v in summary.items()])
         for name in (CONFIG, EVAL_CSV, METRICS, CHECKPOINT):

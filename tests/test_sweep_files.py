@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT, run_cli
 
@@ -113,3 +114,12 @@ def test_cli_rejects_malformed_sweep_files_with_exit_2_before_launching(tmp_path
 def test_missing_sweep_file(tmp_path):
     r = run_cli("sweep", "plan", tmp_path / "nope.yaml")
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
+def test_gpu_sweep_without_a_gpu_exits_2_before_launching(tmp_path):
+    r = run_cli("sweep", "run", ROOT / "sweeps" / "gpu_packing.yaml", "--storage", tmp_path / "store")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "resources.gpu" in lines[0] and "no CUDA GPU" in lines[0], lines
+    assert not (tmp_path / "store").exists()  # no Ray runtime, no MLflow store
