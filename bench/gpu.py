@@ -1,10 +1,13 @@
 """Training throughput on one GPU: steps/s at paper size per variant, trials sharing the GPU, GPU-hours.
 
 Variants (each a full training step: prompts drawn on the device, forward, MSE, backward, clip, AdamW):
-  eager    bf16 autocast, fused AdamW (as icl_core.train runs on CUDA)
-  compile  + torch.compile(model)
-  graph    + the whole step (forward, backward, clip, optimizer) captured in one CUDA graph and replayed;
-           prompts are drawn into static buffers outside the graph (CUDA only)
+  eager         bf16 autocast, fused AdamW (as icl_core.train runs on CUDA)
+  compile       + torch.compile(model)
+  graph         + the whole step (forward, backward, clip, optimizer) captured in one CUDA graph and replayed;
+                prompts are drawn into static buffers outside the graph (CUDA only)
+  loop          icl_core.train.train itself (what a trial runs), train.compile false
+  loop_compile  the same with train.compile true
+MFU = achieved model FLOP/s over the measured matrix-product rate (bf16 8192^3 on CUDA, fp32 1024^3 on CPU).
 
 Sharing: k trials as k separate processes on one GPU (as Ray packs fractional-GPU trials), each capped at
 1/k of the GPU memory; they warm up, wait for a common start, run `--steps` steps; aggregate throughput is
@@ -39,6 +42,7 @@ from icl_core.train import build_optimizer
 from .train_speed import BATCH, DIM, POINTS, SIZES
 
 REFERENCE_STEPS = 500_000
+STEP_VARIANTS = ("eager", "compile", "graph")  # loop and loop_compile time icl_core.train.train itself
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -115,6 +119,46 @@ def build_step(size: str, device: torch.device, variant: str, seed: int = 0) -> 
     return step, flops
 
 
+def matmul_tflops(device: torch.device, reps: int = 10) -> dict:
+    """The machine's measured matrix-product rate, the MFU denominator: bf16 8192^3 on CUDA, fp32 1024^3 on CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)  # random data: zeros run faster
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    dt = (time.perf_counter() - t0) / reps
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": 2 * n**3 / dt / 1e12}
+
+
+def train_loop(size: str, device: torch.device, steps: int, warmup: int, compile_: bool = False) -> dict:
+    """Steps/s of `icl_core.train.train` itself at `size` (the loop a trial runs: logging, the non-finite check,
+    bf16 autocast and fused AdamW on CUDA), timed between two logged steps so no checkpoint falls inside."""
+    import csv
+
+    from icl_core.config import validate_run_config
+    from icl_core.train import METRICS, train
+
+    steps = -(-steps // warmup) * warmup  # a multiple of log_every, so the last step is a logged one
+    cfg = validate_run_config({
+        "data": {"dim": DIM, "n_points": POINTS, "mixture": [{"family": "linear", "weight": 1.0}]},
+        "model": SIZES[size],
+        "train": {"steps": warmup + steps, "batch_size": BATCH, "log_every": warmup, "checkpoint_every": 10**9,
+                  "device": device.type, "compile": compile_},
+    })
+    with tempfile.TemporaryDirectory(prefix="bench-loop-") as d:
+        train(cfg, d, progress=False)
+        with open(Path(d) / METRICS, newline="") as f:
+            t = {int(r["step"]): float(r["time_s"]) for r in csv.DictReader(f)}
+    seconds = t[warmup + steps] - t[warmup]
+    return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds}
+
+
 def time_steps(step: Callable[[], None], device: torch.device, steps: int, warmup: int) -> dict:
     for _ in range(warmup):
         step()
@@ -131,7 +175,18 @@ def variants_table(size: str, device: torch.device, variants: list[str], steps: 
                    repeats: int) -> dict:
     """Steps/s of each variant (median of `repeats` timings, after `warmup` steps), with MFU-free FLOP/s."""
     out = {}
+    flops = ICLTransformer(ModelConfig(dim=DIM, max_points=POINTS, **SIZES[size])).flops_per_step(POINTS, BATCH)
     for v in variants:
+        if v in ("loop", "loop_compile"):
+            try:
+                runs = [train_loop(size, device, steps, warmup, compile_=v == "loop_compile") for _ in range(repeats)]
+            except Exception as e:
+                out[v] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            sps = statistics.median(r["steps_per_s"] for r in runs)
+            out[v] = {"steps_per_s": sps, "achieved_tflops": flops * sps / 1e12,
+                      "runs": [r["steps_per_s"] for r in runs], "gpu_hours_500k": REFERENCE_STEPS / sps / 3600}
+            continue
         try:
             step, flops = build_step(size, device, v)
         except Exception as e:  # a variant that cannot run here (no compiler, no CUDA graphs) is reported
@@ -207,7 +262,7 @@ def share(size: str, device: str, variant: str, k: int, steps: int, warmup: int,
     failed = [(p.returncode, err.strip().splitlines()[-1:] if err else []) for p, (_, err) in zip(procs, outs)
               if p.returncode != 0]
     if failed:
-        raise RuntimeError(f"{len(failed)} of {k} trial processes failed: {failed}")
+        return {"trials": k, "error": f"{len(failed)} of {k} trial processes failed: {failed}"}
     rows = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     span = max(r["end"] for r in rows) - min(r["start"] for r in rows)
     total = sum(r["steps"] for r in rows)
@@ -228,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="paper", choices=sorted(SIZES))
     p.add_argument("--tiny", action="store_true", help="shorthand for --size tiny and few steps (CPU smoke test)")
     p.add_argument("--variants", nargs="+", default=None, help="default: eager compile graph on CUDA, eager on CPU")
-    p.add_argument("--share-variant", default=None, help="the variant the sharing runs use (default: the fastest)")
+    p.add_argument("--share-variant", default=None,
+                   help="the variant the sharing runs use (default: the fastest one that does not compile)")
     p.add_argument("--trials", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
@@ -254,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device.type == "cpu":
         torch.set_num_threads(a.threads or 1)  # as each trial process runs (see share)
-    variants = a.variants or (["eager", "compile", "graph"] if device.type == "cuda" else ["eager"])
+    variants = a.variants or (["eager", "compile", "graph", "loop", "loop_compile"] if device.type == "cuda"
+                              else ["eager", "loop"])
     steps = a.steps or (5 if a.tiny else 200 if device.type == "cuda" else 3)
     warmup = a.warmup if a.warmup is not None else (2 if a.tiny else 20 if device.type == "cuda" else 1)
     res: dict = {
@@ -266,29 +323,47 @@ def main(argv: list[str] | None = None) -> int:
         "points": POINTS,
         "dim": DIM,
         "date": time.strftime("%Y-%m-%d"),
-        "variants": variants_table(a.size, device, variants, steps, warmup, a.repeats),
+        "command": "python -m bench.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "matmul": matmul_tflops(device),
     }
-    ok = {v: r["steps_per_s"] for v, r in res["variants"].items() if "steps_per_s" in r}
-    if not ok:
-        print(json.dumps(res, indent=2))
-        return 1
-    share_variant = a.share_variant or max(ok, key=ok.get)
-    res["share_variant"] = share_variant
-    res["sharing"] = [share(a.size, a.device, share_variant, k, steps, warmup, a.threads) for k in a.trials]
-    print(f"{a.size} on {res['device']}: steps/s per variant (one process)")
+
+    def save() -> None:  # after every stage, so a run cut short still leaves what it measured
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(res, indent=2))
+
+    res["variants"] = variants_table(a.size, device, variants, steps, warmup, a.repeats)
+    for r in res["variants"].values():
+        if "achieved_tflops" in r:
+            r["mfu"] = r["achieved_tflops"] / res["matmul"]["tflops"]
+    save()
+    print(f"{a.size} on {res['device']}: steps/s per variant (one process); matmul "
+          f"{res['matmul']['dtype']} {res['matmul']['tflops']:.1f} TFLOP/s", flush=True)
     for v, r in res["variants"].items():
-        line = f"  {v:<8} " + (f"{r['steps_per_s']:8.2f} steps/s  {r['achieved_tflops']:7.2f} TFLOP/s  "
-                               f"{r['gpu_hours_500k']:8.1f} GPU-h/500k" if "steps_per_s" in r else r["error"])
-        print(line)
-    print(f"trials sharing one {a.device} ({share_variant}):")
-    for s in res["sharing"]:
+        line = f"  {v:<12} " + (f"{r['steps_per_s']:8.2f} steps/s  {r['achieved_tflops']:7.2f} TFLOP/s  "
+                                f"MFU {r['mfu']:6.1%}  {r['gpu_hours_500k']:8.1f} GPU-h/500k"
+                                if "steps_per_s" in r else r["error"])
+        print(line, flush=True)
+    ok = {v: r["steps_per_s"] for v, r in res["variants"].items() if "steps_per_s" in r and v in STEP_VARIANTS}
+    if not ok:
+        return 1
+    # By default the fastest variant that does not compile: each sharing process would spend a minute compiling.
+    uncompiled = {v: sps for v, sps in ok.items() if v != "compile"} or ok
+    share_variant = a.share_variant if a.share_variant in ok else max(uncompiled, key=uncompiled.get)
+    res["share_variant"] = share_variant
+    res["sharing"] = []
+    print(f"trials sharing one {a.device} ({share_variant}):", flush=True)
+    for k in a.trials:
+        s = share(a.size, a.device, share_variant, k, steps, warmup, a.threads)
+        res["sharing"].append(s)
+        save()
+        if "error" in s:
+            print(f"  {k} trials: {s['error']}", flush=True)
+            continue
         print(f"  {s['trials']} trials: {s['aggregate_steps_per_s']:8.2f} steps/s aggregate, "
               f"{statistics.median(s['per_trial_steps_per_s']):8.2f} per trial, "
-              f"{s['gpu_hours_per_500k_trial']:8.1f} GPU-h per 500k-step trial")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=2))
-    return 0
+              f"{s['gpu_hours_per_500k_trial']:8.1f} GPU-h per 500k-step trial", flush=True)
+    return 0 if all("error" not in s for s in res["sharing"]) else 1
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ def test_gpu_benchmark_runs_on_cpu_at_tiny_size(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert res["size"] == "tiny" and res["variants"]["eager"]["steps_per_s"] > 0
+    assert res["variants"]["loop"]["steps_per_s"] > 0  # icl_core.train.train itself, as a trial runs it
+    assert res["matmul"]["tflops"] > 0 and 0 < res["variants"]["eager"]["mfu"] < 1
     assert [s["trials"] for s in res["sharing"]] == [1, 2]
     two = res["sharing"][1]
     assert len(two["per_trial_steps_per_s"]) == 2 and two["aggregate_steps_per_s"] > 0
@@ -102,8 +104,8 @@ def test_python_m_bench_writes_json(tmp_path):
     res = json.loads(out.read_text())
     assert res["machine"]["cores"] and res["date"] and res["command"].startswith("python -m bench")
     (tiny,) = res["train"]
-    assert {"ours", "hf_gpt2", "hf_gpt2_eager"} <= set(tiny["contenders"])
-    assert tiny["speedup_vs_hf_gpt2"]["wall"]["ours"] > 0
+    assert {"ours", "ours_compiled", "hf_gpt2", "hf_gpt2_eager"} <= set(tiny["contenders"])
+    assert tiny["speedup_vs_hf_gpt2"]["wall"]["ours"] > 0 and tiny["speedup_vs_hf_gpt2"]["wall"]["ours_compiled"] > 0
     assert "hf_gpt2" in r.stdout
 
 
@@ -125,3 +127,22 @@ def test_full_last_layer_lever_computes_the_same_function():
     lever.load_state_dict(ours.state_dict())
     xs, ys = torch.randn(4, 11, 5), torch.randn(4, 11)
     assert torch.allclose(lever.predict(xs, ys), ours.predict(xs, ys), atol=1e-6, rtol=0)
+
+
+def test_gpu_checks_judge_trials_from_mlflow_rows():
+    from bench.gpu_checks import check, max_concurrency
+
+    def row(i, start, end, **kw):
+        return {"run_id": f"{i:08d}", "status": "FINISHED", "hash": str(i), "device": "cuda:0",
+                "fraction": "0.25", "cap_gib": 34.9, "peak_gib": 0.2, "start": start, "end": end, **kw}
+
+    packed = [row(i, 0.0 + i, 10.0 + i) for i in range(4)]
+    assert max_concurrency(packed) == 4 and check(packed, 0.25, 4) == []
+    one_by_one = [row(i, 10.0 * i, 10.0 * i + 9) for i in range(4)]
+    assert max_concurrency(one_by_one) == 1
+    assert check(one_by_one, 0.25, 4) == ["no two trials ran on the GPU at the same time"]
+    bad = packed[:3] + [row(3, 0, 5, device="cpu", fraction=None, peak_gib=40.0, status="FAILED")]
+    problems = check(bad, 0.25, 4)
+    assert any("status FAILED" in p for p in problems) and any("not CUDA" in p for p in problems)
+    assert any("fraction None" in p for p in problems) and any("not under its cap" in p for p in problems)
+    assert check(packed[:3], 0.25, 4)[0].startswith("expected 4 trial runs")
