@@ -3,6 +3,7 @@
 Variants (each a full training step: prompts drawn on the device, forward, MSE, backward, clip, AdamW):
   eager         bf16 autocast, fused AdamW (as icl_core.train runs on CUDA)
   compile       + torch.compile(model)
+  compile_ro    + torch.compile(model, mode="reduce-overhead"): inductor's CUDA graphs of forward and backward
   graph         + the whole step (forward, backward, clip, optimizer) captured in one CUDA graph and replayed;
                 prompts are drawn into static buffers outside the graph (CUDA only)
   loop          icl_core.train.train itself (what a trial runs), train.compile false
@@ -42,7 +43,7 @@ from icl_core.train import build_optimizer
 from .train_speed import BATCH, DIM, POINTS, SIZES
 
 REFERENCE_STEPS = 500_000
-STEP_VARIANTS = ("eager", "compile", "graph")  # loop and loop_compile time icl_core.train.train itself
+STEP_VARIANTS = ("eager", "compile", "compile_ro", "graph")  # loop and loop_compile time icl_core.train.train itself
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,9 +66,10 @@ def build_step(size: str, device: torch.device, variant: str, seed: int = 0) -> 
     )
     params = list(model.parameters())
 
-    if variant in ("eager", "compile"):
+    if variant in ("eager", "compile", "compile_ro"):
         optimizer = build_optimizer(model, tc, device)
-        forward = torch.compile(model) if variant == "compile" else model
+        forward = {"eager": model, "compile": torch.compile(model),
+                   "compile_ro": torch.compile(model, mode="reduce-overhead")}[variant]
 
         def step() -> None:
             xs, ys = sample_prompts(family, BATCH, POINTS, DIM, gen)
@@ -208,7 +210,7 @@ def worker(a: argparse.Namespace) -> int:
     if device.type == "cpu" and a.threads:
         torch.set_num_threads(a.threads)
     if device.type == "cuda" and a.share > 1:
-        torch.cuda.set_per_process_memory_fraction(1.0 / a.share, device)
+        torch.cuda.set_per_process_memory_fraction(1.0 / a.share, device.index or 0)
     step, _ = build_step(a.size, device, a.variant, seed=a.seed)
     for _ in range(a.warmup):
         step()
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ok:
         return 1
     # By default the fastest variant that does not compile: each sharing process would spend a minute compiling.
-    uncompiled = {v: sps for v, sps in ok.items() if v != "compile"} or ok
+    uncompiled = {v: sps for v, sps in ok.items() if not v.startswith("compile")} or ok
     share_variant = a.share_variant if a.share_variant in ok else max(uncompiled, key=uncompiled.get)
     res["share_variant"] = share_variant
     res["sharing"] = []

@@ -39,7 +39,9 @@ except torch.OutOfMemoryError as e:
 
 
 def trials_from_mlflow(db: Path, sweep: str) -> list[dict]:
-    """One dict per trial run of `sweep` in the sqlite store `db`."""
+    """One dict per trial run of `sweep` in the sqlite store `db` (which must exist)."""
+    if not db.exists():  # sqlite would create an empty store and report no trials
+        raise FileNotFoundError(db)
     from mlflow.tracking import MlflowClient
 
     from sweeps import tracking as tr
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
+    from sweeps.runner import sweep_root
     from sweeps.spec import load_sweep
 
     if not torch.cuda.is_available():
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                        cwd=ROOT, text=True, capture_output=True)
     wall = time.time() - t0
     print(r.stdout[-3000:], r.stderr[-3000:], sep="\n")
-    rows = trials_from_mlflow(storage / "mlflow.db", spec.name)
+    rows = trials_from_mlflow(Path(sweep_root(spec, str(storage))) / "mlflow.db", spec.name)
     failures = ([f"sweep run exited {r.returncode}"] if r.returncode else []) + check(
         rows, spec.resources.gpu, len(trials))
     probe = subprocess.run([sys.executable, "-c", CAP_PROBE], cwd=ROOT, text=True, capture_output=True)

@@ -139,6 +139,8 @@ def claim_device(gpus: float, wanted: str) -> tuple[torch.device, dict[str, str]
     Ray's fractional GPUs are bookkeeping only: without the cap, trials packed on one GPU could take all of it.
     """
     device = resolve_device(wanted)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # the memory calls need an index
     tags = {"iclmix.device": str(device)}
     if device.type == "cuda":
         fraction = min(1.0, gpus) if gpus > 0 else 1.0
