@@ -8,6 +8,7 @@ Variants (each a full training step: prompts drawn on the device, forward, MSE, 
                 prompts are drawn into static buffers outside the graph (CUDA only)
   loop          icl_core.train.train itself (what a trial runs), train.compile false
   loop_compile  the same with train.compile true
+  loop_graph    the same with train.cuda_graph true (icl_core.cuda_graph; CUDA only)
 MFU = achieved model FLOP/s over the measured matrix-product rate (bf16 8192^3 on CUDA, fp32 1024^3 on CPU).
 
 Sharing: k trials as k separate processes on one GPU (as Ray packs fractional-GPU trials), each capped at
@@ -43,7 +44,8 @@ from icl_core.train import build_optimizer
 from .train_speed import BATCH, DIM, POINTS, SIZES
 
 REFERENCE_STEPS = 500_000
-STEP_VARIANTS = ("eager", "compile", "compile_ro", "graph")  # loop and loop_compile time icl_core.train.train itself
+STEP_VARIANTS = ("eager", "compile", "compile_ro", "graph")
+LOOP_VARIANTS = ("loop", "loop_compile", "loop_graph")  # icl_core.train.train itself
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -138,7 +140,8 @@ def matmul_tflops(device: torch.device, reps: int = 10) -> dict:
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": 2 * n**3 / dt / 1e12}
 
 
-def train_loop(size: str, device: torch.device, steps: int, warmup: int, compile_: bool = False) -> dict:
+def train_loop(size: str, device: torch.device, steps: int, warmup: int, compile_: bool = False,
+               cuda_graph: bool = False) -> dict:
     """Steps/s of `icl_core.train.train` itself at `size` (the loop a trial runs: logging, the non-finite check,
     bf16 autocast and fused AdamW on CUDA), timed between two logged steps so no checkpoint falls inside."""
     import csv
@@ -151,7 +154,7 @@ def train_loop(size: str, device: torch.device, steps: int, warmup: int, compile
         "data": {"dim": DIM, "n_points": POINTS, "mixture": [{"family": "linear", "weight": 1.0}]},
         "model": SIZES[size],
         "train": {"steps": warmup + steps, "batch_size": BATCH, "log_every": warmup, "checkpoint_every": 10**9,
-                  "device": device.type, "compile": compile_},
+                  "device": device.type, "compile": compile_, "cuda_graph": cuda_graph},
     })
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as d:
         train(cfg, d, progress=False)
@@ -179,9 +182,10 @@ def variants_table(size: str, device: torch.device, variants: list[str], steps: 
     out = {}
     flops = ICLTransformer(ModelConfig(dim=DIM, max_points=POINTS, **SIZES[size])).flops_per_step(POINTS, BATCH)
     for v in variants:
-        if v in ("loop", "loop_compile"):
+        if v in LOOP_VARIANTS:
             try:
-                runs = [train_loop(size, device, steps, warmup, compile_=v == "loop_compile") for _ in range(repeats)]
+                runs = [train_loop(size, device, steps, warmup, compile_=v == "loop_compile",
+                                   cuda_graph=v == "loop_graph") for _ in range(repeats)]
             except Exception as e:
                 out[v] = {"error": f"{type(e).__name__}: {e}"}
                 continue
@@ -312,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device.type == "cpu":
         torch.set_num_threads(a.threads or 1)  # as each trial process runs (see share)
-    variants = a.variants or (["eager", "compile", "graph", "loop", "loop_compile"] if device.type == "cuda"
+    variants = a.variants or (["eager", "compile", "graph", "loop", "loop_compile", "loop_graph"]
+                              if device.type == "cuda"
                               else ["eager", "loop"])
     steps = a.steps or (5 if a.tiny else 200 if device.type == "cuda" else 3)
     warmup = a.warmup if a.warmup is not None else (2 if a.tiny else 20 if device.type == "cuda" else 1)

@@ -122,6 +122,14 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    cuda_graph: bool = False  # on CUDA, replay the whole step from a CUDA graph (icl_core.cuda_graph); eager on CPU
+
+    @model_validator(mode="after")
+    def _one_way_to_speed_up(self) -> TrainConfig:
+        if self.compile and self.cuda_graph:
+            raise _FieldError("cuda_graph", "train.cuda_graph and train.compile are two ways to the same end; "
+                              "set one of them")
+        return self
 
 
 ESTIMATORS = ("model", "zero", "averaging", "ols", "ridge", "lasso", "knn", "bayes_pretrain", "bayes_task")
@@ -190,7 +198,11 @@ class RunConfig(_Strict):
 
     @property
     def config_hash(self) -> str:
-        return config_hash(self.to_dict())
+        data = self.to_dict()
+        for (section, key), default in HASHED_ONLY_WHEN_SET.items():
+            if data.get(section, {}).get(key, default) == default:
+                data[section].pop(key, None)
+        return config_hash(data)
 
     def eval_tasks(self) -> list[Family]:
         """The eval tasks; by default each component of the pretraining mixture."""
@@ -298,6 +310,11 @@ def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfi
         key, value = parse_override(item)
         set_dotted(data, key, value)
     return validate_run_config(data)
+
+
+# Fields added after sweeps had run, hashed only away from their default: the trials of those sweeps keep
+# their hashes, so a new `sweep run` still finds them finished.
+HASHED_ONLY_WHEN_SET: dict[tuple[str, str], Any] = {("train", "cuda_graph"): False}
 
 
 def canonical_json(data: Any) -> str:

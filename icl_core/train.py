@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from .config import ConfigError, RunConfig, TrainConfig, dump_yaml, validate_run_config
+from .cuda_graph import GraphedStep, capturable_lr
 from .families import sample_prompts
 from .model import ICLTransformer, ModelConfig
 
@@ -82,13 +83,21 @@ def build_model(cfg: RunConfig) -> ICLTransformer:
         return ICLTransformer(model_config(cfg))
 
 
-def build_optimizer(model: ICLTransformer, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; with weight_decay 0 this is Adam, as in Garg et al. Decay skips biases and LayerNorm gains."""
+def build_optimizer(model: ICLTransformer, cfg: TrainConfig, device: torch.device,
+                    capturable: bool = False) -> torch.optim.Optimizer:
+    """AdamW; with weight_decay 0 this is Adam, as in Garg et al. Decay skips biases and LayerNorm gains.
+
+    `capturable` (CUDA): state and learning rates on the device, so a CUDA graph can replay the step."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **extra)
+    if capturable:
+        extra["capturable"] = True
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **extra)
+    if capturable:
+        capturable_lr(optimizer, device)
+    return optimizer
 
 
 def data_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -177,7 +186,8 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
 
     model = build_model(cfg).to(device)
-    optimizer = build_optimizer(model, cfg.train, device)
+    graphed = cfg.train.cuda_graph and device.type == "cuda"  # on CPU the same config trains eagerly
+    optimizer = build_optimizer(model, cfg.train, device, capturable=graphed)
     gen = data_generator(cfg.seed, device)
     step = 0
     extra = dict(extra or {})
@@ -190,6 +200,8 @@ def train(
             )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if graphed:
+            capturable_lr(optimizer, device)  # the loaded groups carry their own lr objects
         gen.set_state(ckpt["data_rng"].to(gen.get_state().device))
         step = ckpt["step"]
         extra = {**ckpt.get("extra", {}), **extra}
@@ -199,6 +211,7 @@ def train(
 
     tc = cfg.train
     forward = torch.compile(model) if tc.compile else model
+    graphed_step = GraphedStep(model, optimizer, tc.grad_clip) if graphed else None
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
@@ -212,25 +225,28 @@ def train(
         writer = csv.DictWriter(metrics_file, fieldnames=METRIC_FIELDS)
         while step < tc.steps:
             lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             n_dims, n_points = cfg.data.dims_at(step), cfg.data.points_at(step)
             xs, ys = sample_prompts(
                 cfg.data.family, tc.batch_size, n_points, cfg.data.dim, gen, cfg.data.noise_std, n_dims
             )
-            with autocast:
-                pred = forward(xs, ys)
-            loss = (pred.float() - ys).square().mean()
+            if graphed_step is not None:
+                loss = graphed_step(xs, ys, lr)
+            else:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with autocast:
+                    pred = forward(xs, ys)
+                loss = (pred.float() - ys).square().mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
             # The first non-finite step is kept on the device and read at log and checkpoint steps only: a
             # per-step loss.item() would make the host wait for the GPU every step. Steps after it run on NaN
             # weights that are never logged or saved.
             first_bad = torch.where(torch.isfinite(loss) | (first_bad > 0), first_bad, step + 1)
             bad_loss = torch.where(first_bad == step + 1, loss.detach(), bad_loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
             step += 1
 
             log_now = step % tc.log_every == 0 or step == 1 or step == tc.steps

@@ -148,3 +148,29 @@ def test_sigkill_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     ra, rb = read_metrics(ref / METRICS), read_metrics(killed / METRICS)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == [str(s) for s in range(1, steps + 1)]
     assert [(r["loss"], r["lr"]) for r in ra] == [(r["loss"], r["lr"]) for r in rb]
+
+
+def test_cuda_graph_setting_trains_eagerly_on_cpu_and_keeps_old_hashes(tmp_path):
+    # The same sweep file runs on a laptop: train.cuda_graph applies on CUDA only, and a config that leaves it
+    # at its default keeps the hash it had before the field existed (finished trials stay finished).
+    from icl_core.config import config_hash
+
+    runs = []
+    for graph in (False, True):
+        cfg = validate_run_config(tiny(steps=20, log_every=1, checkpoint_every=20, cuda_graph=graph, device="cpu"))
+        train(cfg, tmp_path / str(graph), progress=False)
+        runs.append([r["loss"] for r in read_metrics(tmp_path / str(graph) / METRICS)])
+    assert runs[1] == runs[0]  # bit-identical: the eager step
+    plain = validate_run_config(tiny())
+    legacy = plain.to_dict()
+    del legacy["train"]["cuda_graph"]
+    assert plain.config_hash == config_hash(legacy)
+    assert validate_run_config(tiny(cuda_graph=True)).config_hash != plain.config_hash
+
+
+def test_cuda_graph_and_compile_are_exclusive(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(cuda_graph=True, compile=True)))
+    r = run_cli("train", cfg, "--out", tmp_path / "run")
+    assert r.returncode == 2 and "train.cuda_graph" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
