@@ -3,7 +3,7 @@
 GELU variants, attention implementations and the GEMM shapes of a paper-size step, and the cost of drawing
 one batch of prompts. Each figure is the median of `reps` timings after a warm-up.
 
-    python -m bench.micro [--reps 7] [--json OUT]
+    python -m bench.micro [--reps 7] [--parts gelu_ms attention_ms gemm_gflops prompts] [--json OUT]
 """
 
 from __future__ import annotations
@@ -130,13 +130,31 @@ def attention_row(heads: int, hd: int, reps: int) -> dict:
         with torch.no_grad():
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    return {
+    row = {
         "flash (ours), fwd+bwd ms": ms(run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), reps),
         "math backend": ms(run(math_backend), reps),
         "explicit bmm + softmax": ms(run(explicit), reps),
         "custom bmm Function": ms(run(lambda: BmmAttention.apply(*flat, bias).view(B, heads, T, hd)), reps),
         "flash forward only": ms(flash_forward, reps),
     }
+    row.update(kernel_row(B, heads, T, hd, reps))
+    return row
+
+
+def kernel_row(B: int, heads: int, T: int, hd: int, reps: int) -> dict:
+    """The hand-written kernel (bench/cpu_attention.py) on the fused (B, T, 3C) q/k/v it reads in the model."""
+    from .cpu_attention import causal_attention
+
+    qkv = torch.randn(B, T, 3 * heads * hd, requires_grad=True)
+    g = torch.randn(B, T, heads * hd)
+
+    def fwd_bwd():
+        qkv.grad = None
+        causal_attention(qkv, heads, 1)[0].backward(g)
+
+    with torch.no_grad():
+        fwd = ms(lambda: causal_attention(qkv, heads, 1), reps)
+    return {"hand-written kernel, fwd+bwd ms": ms(fwd_bwd, reps), "hand-written kernel forward only": fwd}
 
 
 def attention(reps: int) -> dict:
@@ -166,14 +184,17 @@ def prompts(reps: int) -> dict:
     return {"sample_prompts(linear, 64, 41, 20) ms": ms(lambda: sample_prompts(Linear(), 64, 41, 20, gen), reps * 10)}
 
 
+PARTS = {"gelu_ms": gelu, "attention_ms": attention, "gemm_gflops": gemms, "prompts": prompts}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS), help="which micro-benchmarks")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    res = {"threads": 1, "date": time.strftime("%Y-%m-%d"), "gelu_ms": gelu(a.reps),
-           "attention_ms": attention(a.reps), "gemm_gflops": gemms(a.reps), "prompts": prompts(a.reps)}
+    res = {"threads": 1, "date": time.strftime("%Y-%m-%d"), **{k: PARTS[k](a.reps) for k in a.parts}}
     print(json.dumps(res, indent=2))
     if a.json:
         with open(a.json, "w") as f:

@@ -21,9 +21,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -144,17 +147,23 @@ def ours(
     data: str = "fresh",
     gelu: str | None = None,
     full_last_layer: bool = False,
+    attention: str = "sdpa",
     seed: int = 0,
 ) -> Callable[[], float]:
     """Our training step: ICLTransformer + build_optimizer (AdamW; foreach on CPU) + clip 1.0, as in train().
 
     Levers: `compile` (torch.compile the model), `optimizer` ("default", or Adam with "foreach", "fused" or
     "loop"), `grad_clip` (None = TrainConfig's default), `data` ("fresh" or "preallocated"), `gelu` (None = the
-    model's; "erf" = exact GELU, an experiment: not GPT-2's function), `full_last_layer` (see FullLastLayer).
+    model's; "erf" = exact GELU, an experiment: not GPT-2's function), `full_last_layer` (see FullLastLayer),
+    `attention` ("sdpa", or "kernel": bench/cpu_attention.py's hand-written kernel).
     """
     tc = TrainConfig()
     torch.manual_seed(seed)
     model = (FullLastLayer if full_last_layer else ICLTransformer)(cfg)
+    if attention == "kernel":
+        from .cpu_attention import use_kernel
+
+        use_kernel(model)
     if gelu == "erf":
         for block in model.blocks:
             mlp = block.mlp
@@ -187,6 +196,56 @@ def matmul(threads: int | None = None, n: int = 1024, reps: int = 4) -> Contende
             torch.mm(a, b)
 
     return Contender(f"torch.mm/{threads or torch.get_num_threads()}t", step, 2.0 * n**3 * reps, threads)
+
+
+GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def gemm_calls(step: Callable[[], object]) -> list[tuple]:
+    """The matrix multiplies one call of `step` makes (forward and backward), as (aten op, argument layouts)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = {getattr(torch.ops.aten, name).default for name in GEMM_OPS}
+    calls: list[tuple] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ops:
+                calls.append((func, [(tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a
+                                     for a in args], dict(kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        step()
+    return calls
+
+
+def gemm_flops(calls: list[tuple]) -> float:
+    """FLOPs of recorded matrix multiplies (2 m n k each; a batched one counts every batch)."""
+    total = 0.0
+    for _, layouts, _ in calls:
+        a, b = [shape for shape, _ in (x for x in layouts if isinstance(x, tuple))][-2:]
+        total += 2.0 * math.prod(a) * b[-1]
+    return total
+
+
+def gemm_floor(step: Callable[[], object]) -> Contender:
+    """Our step's matrix multiplies alone, replayed with the same shapes and memory layouts on random data.
+
+    Nothing else of the step runs (no attention, elementwise work, optimizer or data), so no implementation
+    that keeps this float32 arithmetic on these BLAS calls can step faster: comparator time / floor time
+    bounds the speedup any such implementation can reach over the comparator, in the same run.
+    """
+    step()  # warm: first-call allocations stay out of the recording
+    calls = gemm_calls(step)
+    replay = [(func, [torch.empty_strided(*x).normal_() if isinstance(x, tuple) else x for x in layouts], kw)
+              for func, layouts, kw in calls]
+
+    def floor() -> None:
+        for func, args, kw in replay:
+            func(*args, **kw)
+
+    return Contender("gemm_floor", floor, gemm_flops(calls))
 
 
 def alternate(contenders: list[Contender], rounds: int, steps: int, warmup: int = 2) -> None:
@@ -247,7 +306,8 @@ def machine() -> dict:
         tf = transformers.__version__
     except ImportError:
         tf = None
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": tf,
+    return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "transformers": tf,
             "python": platform.python_version(), "threads": torch.get_num_threads()}
 
 
@@ -270,11 +330,13 @@ def run(cs: list[Contender], rounds: int, steps: int) -> dict:
 
 
 def compare_size(size: str, rounds: int, steps: int | None = None, eager: bool = False,
-                 compiled: bool = True) -> dict:
+                 compiled: bool = True, floor: bool = True) -> dict:
     """Ours vs the comparator at one size: steps/s of each, the ratio, MFU.
 
     `ours` is the default step (`train.compile: false`); `ours_compiled` the step with `train.compile: true`, as
     the paper-scale sweep files train (its compile time falls in the warm-up steps, outside the timing).
+    `gemm_floor` (see `gemm_floor`) is our step's matrix multiplies alone: its "vs HF" is the most any float32
+    implementation on these GEMMs could reach; its MFU is their rate against 1024^3 torch.mm.
     """
     cfg = model_config(size)
     flops = ICLTransformer(cfg).flops_per_step(POINTS, BATCH)
@@ -283,6 +345,8 @@ def compare_size(size: str, rounds: int, steps: int | None = None, eager: bool =
         cs.append(Contender("ours_compiled", ours(cfg, compile=True), flops))
     if eager:
         cs.append(Contender("hf_gpt2_eager", comparator(cfg, attn_implementation="eager"), flops))
+    if floor:
+        cs.append(gemm_floor(ours(cfg)))
     res = {"size": size, "model": SIZES[size], "flops_per_step": flops, "threads": torch.get_num_threads(),
            **run(cs, rounds, steps or STEPS[size])}
     res["speedup_vs_hf_gpt2"] = {clock: {c.name: ratio(cs[1], c, clock) for c in cs if c.name != "hf_gpt2"}
@@ -300,7 +364,15 @@ LEVERS: dict[str, dict] = {
     "compile": {"compile": True},
     "erf_gelu": {"gelu": "erf"},
     "full_last_layer": {"full_last_layer": True},
+    "attention_kernel": {"attention": "kernel"},
+    "compile_attention_kernel": {"compile": True, "attention": "kernel"},
 }
+
+
+def available_levers() -> list[str]:
+    """Every lever this machine can run: the attention kernel's need a C++ compiler to build it."""
+    has_cxx = shutil.which(os.environ.get("CXX", "g++")) is not None
+    return [n for n, opts in LEVERS.items() if has_cxx or opts.get("attention") != "kernel"]
 # Thread count is not a lever to switch inside one process (libgomp's spinning workers and the pool resize
 # make a 2-thread contender there slower than in its own process): compare `--threads 1` and `--threads 2` runs.
 
@@ -319,6 +391,54 @@ def levers(size: str, names: list[str], rounds: int, steps: int | None = None) -
     res["speedup_vs_ours"] = {clock: {c.name: ratio(cs[0], c, clock) for c in cs[1:]} for clock in ("wall", "cpu")}
     res["speedup_vs_hf_gpt2"] = {clock: {c.name: ratio(cs[1], c, clock) for c in cs if c.name != "hf_gpt2"}
                                  for clock in ("wall", "cpu")}
+    return res
+
+
+def make_contender_step(name: str, cfg: ModelConfig) -> Callable[[], float]:
+    """A contender's training step by name: ours, ours_compiled, hf_gpt2, hf_gpt2_eager or a lever."""
+    if name in ("hf_gpt2", "hf_gpt2_eager"):
+        return comparator(cfg, attn_implementation="eager" if name == "hf_gpt2_eager" else None)
+    if name in ("ours", "ours_compiled"):
+        return ours(cfg, compile=name == "ours_compiled")
+    opts = dict(LEVERS[name])
+    opts.pop("threads", None)
+    return ours(cfg, **opts)
+
+
+SOLO_NAMES = ["ours", "ours_compiled", "hf_gpt2", "hf_gpt2_eager", *LEVERS]
+
+
+def time_one(name: str, size: str, steps: int, warmup: int = 2) -> dict:
+    """Seconds per step of one contender alone in this process (the child side of `solo`)."""
+    step = make_contender_step(name, model_config(size))
+    for _ in range(warmup):
+        step()
+    w0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        step()
+    return {"wall": (time.perf_counter() - w0) / steps, "cpu": (time.process_time() - c0) / steps}
+
+
+def solo(size: str, names: list[str], rounds: int, steps: int | None = None) -> dict:
+    """Each contender in a fresh process of its own, the processes alternating (A B A B ..., order reversed
+    every other round): a cross-check on the in-process runs, where contenders share one allocator and cache."""
+    cfg = model_config(size)
+    flops = ICLTransformer(cfg).flops_per_step(POINTS, BATCH)
+    cs = {n: Contender(n, lambda: None, flops, torch.get_num_threads()) for n in names}
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.train_speed", "--one", n, "--sizes", size, "--steps",
+                 str(steps or STEPS[size]), "--threads", str(torch.get_num_threads())],
+                cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
+            t = json.loads(out.stdout.strip().splitlines()[-1])
+            cs[n].wall.append(t["wall"])
+            cs[n].cpu.append(t["cpu"])
+    res = {"size": size, "model": SIZES[size], "flops_per_step": flops, "threads": torch.get_num_threads(),
+           "solo": True, "contenders": {n: summary(c, None) for n, c in cs.items()}}
+    base = cs.get("hf_gpt2")
+    res["speedup_vs_hf_gpt2"] = {clock: {n: ratio(base, c, clock) for n, c in cs.items() if n != "hf_gpt2"}
+                                 for clock in ("wall", "cpu")} if base else {"wall": {}, "cpu": {}}
     return res
 
 
@@ -377,16 +497,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the whole run")
     p.add_argument("--profile", action="store_true",
                    help="instead: torch.profiler op table of our step (and the comparator's) at each size")
+    p.add_argument("--solo", nargs="+", default=None, choices=SOLO_NAMES, metavar="NAME",
+                   help="instead: these contenders each in a process of its own, alternating (a cross-check)")
+    p.add_argument("--one", default=None, choices=SOLO_NAMES, help=argparse.SUPPRESS)  # a --solo child
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.one:
+        print(json.dumps(time_one(a.one, a.sizes[0], a.steps or STEPS[a.sizes[0]])))
+        return 0
     if a.profile:
         for size in a.sizes:
             profile(size, a.steps or 2)
         return 0
-    if a.levers is not None:
-        names = a.levers or list(LEVERS)
+    if a.solo:
+        results = [solo(s, a.solo, a.rounds, a.steps) for s in a.sizes]
+    elif a.levers is not None:
+        names = a.levers or available_levers()
         results = [levers(s, names, a.rounds, a.steps) for s in a.sizes]
     else:
         results = [compare_size(s, a.rounds, a.steps, a.eager, a.compiled) for s in a.sizes]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -104,7 +105,7 @@ def test_python_m_bench_writes_json(tmp_path):
     res = json.loads(out.read_text())
     assert res["machine"]["cores"] and res["date"] and res["command"].startswith("python -m bench")
     (tiny,) = res["train"]
-    assert {"ours", "ours_compiled", "hf_gpt2", "hf_gpt2_eager"} <= set(tiny["contenders"])
+    assert {"ours", "ours_compiled", "hf_gpt2", "hf_gpt2_eager", "gemm_floor"} <= set(tiny["contenders"])
     assert tiny["speedup_vs_hf_gpt2"]["wall"]["ours"] > 0 and tiny["speedup_vs_hf_gpt2"]["wall"]["ours_compiled"] > 0
     assert "hf_gpt2" in r.stdout
 
@@ -146,3 +147,68 @@ def test_gpu_checks_judge_trials_from_mlflow_rows():
     assert any("status FAILED" in p for p in problems) and any("not CUDA" in p for p in problems)
     assert any("fraction None" in p for p in problems) and any("not under its cap" in p for p in problems)
     assert check(packed[:3], 0.25, 4)[0].startswith("expected 4 trial runs")
+
+
+def test_gemm_floor_replays_the_matrix_multiplies_of_our_step():
+    from bench.train_speed import BATCH, POINTS, gemm_calls, gemm_floor, gemm_flops, model_config, ours
+
+    cfg = model_config("tiny")
+    step = ours(cfg)
+    step()
+    calls = gemm_calls(step)
+    # Forward: read-in, 4 per block, read-out and the prompts' x @ w; backward: a dW per Linear and a dX for
+    # each but the read-in (its input needs no gradient).
+    linears = 2 + 4 * cfg.n_layer
+    assert len(calls) == 3 * linears - 1 + 1
+    # Their FLOPs are the linear part of the model FLOPs (3 x forward), less the read-in's dX, plus the data's.
+    n, T = POINTS, 2 * POINTS - 1
+    model = ICLTransformer(cfg)
+    attention = 3 * ((cfg.n_layer - 1) * 2 * T * T * cfg.n_embd + 2 * n * T * cfg.n_embd) * BATCH
+    linear = model.flops_per_step(POINTS, BATCH) - attention
+    expected = linear - 2 * BATCH * T * cfg.dim * cfg.n_embd + 2 * BATCH * n * cfg.dim
+    assert gemm_flops(calls) == pytest.approx(expected, rel=1e-9)
+    floor = gemm_floor(step)
+    assert floor.flops == gemm_flops(calls)
+    floor.step()  # replays on random data of the same layouts
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the attention kernel is built with g++")
+@pytest.mark.parametrize("n_head", [2, 1])  # heads of 16 and 32 dims
+def test_attention_kernel_lever_matches_sdpa_forward_and_backward(n_head):
+    import torch.nn.functional as F
+
+    from bench.cpu_attention import causal_attention, use_kernel
+
+    cfg = ModelConfig(dim=5, max_points=11, n_layer=2, n_head=n_head, n_embd=32)
+    torch.manual_seed(0)
+    # The op itself against SDPA, queries at every position.
+    qkv = torch.randn(3, 21, 96)
+    y, _ = causal_attention(qkv, n_head, 1)
+    q, k, v = (t.reshape(3, 21, n_head, 32 // n_head).transpose(1, 2) for t in qkv.split(32, dim=2))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(3, 21, 32)
+    assert torch.allclose(y, want, atol=1e-6)
+    ours, lever = ICLTransformer(cfg), ICLTransformer(cfg)
+    lever.load_state_dict(ours.state_dict())
+    use_kernel(lever)
+    xs, ys = torch.randn(6, 11, 5), torch.randn(6, 11)
+    losses = []
+    for model in (ours, lever):
+        loss = (model(xs, ys) - ys).square().mean()
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for (name, p), q in zip(ours.named_parameters(), lever.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+    # Both attention modes (every position; x positions only in the last block) and a shorter prompt.
+    assert torch.allclose(lever.predict(xs[:, :4], ys[:, :4]), ours.predict(xs[:, :4], ys[:, :4]), atol=1e-6)
+
+
+def test_solo_runs_each_contender_in_its_own_process():
+    pytest.importorskip("transformers")
+    from bench import train_speed
+
+    res = train_speed.solo("tiny", ["ours", "hf_gpt2"], rounds=2, steps=1)
+    assert res["solo"] and set(res["contenders"]) == {"ours", "hf_gpt2"}
+    assert len(res["contenders"]["ours"]["cpu"]["per_round"]) == 2
+    assert res["speedup_vs_hf_gpt2"]["cpu"]["ours"] > 0
+    assert "hf_gpt2" in train_speed.format_table([res], "wall")
