@@ -4,7 +4,8 @@
 
 Training speed of our step against Garg et al.'s (HF GPT2Model, default sdpa attention and the 2022-era
 eager attention) at the small (4 x 64) and paper (12 x 256) sizes, with MFU against torch.mm measured in
-the same run, then the evaluation benchmark (Lasso against sklearn, a full table); `--levers` adds the
+the same run; then on two cores, each contender in a process of its own (our `train.batch_threads: 2` step
+against HF at 1 and 2 threads); then the evaluation benchmark (Lasso against sklearn, a full table); `--levers` adds the
 performance levers. Figures are medians over rounds that interleave the contenders step by step (see
 bench/train_speed.py); run on a quiet machine for absolute numbers, the ratios hold up under load.
 `make bench` installs the `bench` extra and runs this. Results and their meaning: docs/performance.md.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,8 @@ import torch
 from . import train_speed
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Two cores: ours on one core, on two by intra-op threads and on two by batch_threads; HF on one and on two.
+TWO_CORES = ["ours", "ours@2", "batch_threads_2", "hf_gpt2", "hf_gpt2@2"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads (default 1: per-core figures that hold up on a shared machine)")
     p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
                    help="also time our step with train.compile, as the paper-scale sweeps train (on by default)")
+    p.add_argument("--two-cores", action=argparse.BooleanOptionalAction, default=(os.cpu_count() or 1) >= 2,
+                   help="also compare on two cores, each contender in its own process: our step with "
+                        "train.batch_threads: 2 against HF at 1 and 2 threads (on by default with 2+ cores)")
     p.add_argument("--levers", action="store_true", help="also time each performance lever against our default")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="the evaluation benchmark (bench.eval_speed; on by default)")
@@ -57,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(train_speed.format_table(res["train"], "wall"))
     print(train_speed.format_table(res["train"], "cpu"))
+    if a.two_cores:
+        res["two_cores"] = [train_speed.solo(s, TWO_CORES, rounds, steps[s] if a.quick else max(2, steps[s]))
+                            for s in a.sizes]
+        print(train_speed.format_table(res["two_cores"], "wall"))
     if a.levers:
         res["levers"] = [train_speed.levers(s, train_speed.available_levers(), rounds, steps[s]) for s in a.sizes]
         print(train_speed.format_table(res["levers"], "wall"))

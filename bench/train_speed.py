@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from icl_core.config import TrainConfig
 from icl_core.families import Linear, sample_prompts
 from icl_core.model import ICLTransformer, ModelConfig
+from icl_core.threaded_step import ThreadedStep, single_threaded_ops
 from icl_core.train import build_optimizer
 
 DIM, POINTS, BATCH = 20, 41, 64
@@ -148,6 +149,7 @@ def ours(
     gelu: str | None = None,
     full_last_layer: bool = False,
     attention: str = "sdpa",
+    batch_threads: int = 1,
     seed: int = 0,
 ) -> Callable[[], float]:
     """Our training step: ICLTransformer + build_optimizer (AdamW; foreach on CPU) + clip 1.0, as in train().
@@ -155,7 +157,8 @@ def ours(
     Levers: `compile` (torch.compile the model), `optimizer` ("default", or Adam with "foreach", "fused" or
     "loop"), `grad_clip` (None = TrainConfig's default), `data` ("fresh" or "preallocated"), `gelu` (None = the
     model's; "erf" = exact GELU, an experiment: not GPT-2's function), `full_last_layer` (see FullLastLayer),
-    `attention` ("sdpa", or "kernel": bench/cpu_attention.py's hand-written kernel).
+    `attention` ("sdpa", or "kernel": bench/cpu_attention.py's hand-written kernel), `batch_threads`
+    (`train.batch_threads`: the batch split over this many single-threaded threads, icl_core.threaded_step).
     """
     tc = TrainConfig()
     torch.manual_seed(seed)
@@ -174,6 +177,14 @@ def ours(
         impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}[optimizer]
         opt = torch.optim.Adam(model.parameters(), lr=tc.lr, **impl)
     draw = preallocated_prompts(seed) if data == "preallocated" else fresh_prompts(seed)
+    if batch_threads > 1:
+        threaded = ThreadedStep(model, opt, tc.grad_clip if grad_clip is None else grad_clip, batch_threads)
+
+        def step() -> float:
+            with single_threaded_ops():  # the whole step, as train() runs it
+                return threaded(*draw()).item()
+
+        return step
     return make_step(model, opt, draw, forward=torch.compile(model) if compile else None,
                      grad_clip=tc.grad_clip if grad_clip is None else grad_clip)
 
@@ -366,6 +377,7 @@ LEVERS: dict[str, dict] = {
     "full_last_layer": {"full_last_layer": True},
     "attention_kernel": {"attention": "kernel"},
     "compile_attention_kernel": {"compile": True, "attention": "kernel"},
+    "batch_threads_2": {"batch_threads": 2},
 }
 
 
@@ -419,17 +431,31 @@ def time_one(name: str, size: str, steps: int, warmup: int = 2) -> dict:
     return {"wall": (time.perf_counter() - w0) / steps, "cpu": (time.process_time() - c0) / steps}
 
 
+def solo_spec(spec: str) -> tuple[str, int | None]:
+    """"NAME" or "NAME@T" (T torch threads in its process) -> (NAME, T or None)."""
+    name, _, threads = spec.partition("@")
+    if name not in SOLO_NAMES or (threads and not threads.isdigit()):
+        raise argparse.ArgumentTypeError(f"{spec!r}: want NAME or NAME@THREADS, NAME one of {', '.join(SOLO_NAMES)}")
+    return name, int(threads) if threads else None
+
+
 def solo(size: str, names: list[str], rounds: int, steps: int | None = None) -> dict:
     """Each contender in a fresh process of its own, the processes alternating (A B A B ..., order reversed
-    every other round): a cross-check on the in-process runs, where contenders share one allocator and cache."""
+    every other round): a cross-check on the in-process runs, where contenders share one allocator and cache.
+
+    A name may carry its process's torch threads, "hf_gpt2@2" (default: this process's count), which is how
+    thread counts are compared. Besides the ratio to hf_gpt2, each contender gets one to the best HF setting
+    run ("vs_best_hf": per round, the fastest of hf_gpt2 and hf_gpt2@T over this contender).
+    """
     cfg = model_config(size)
     flops = ICLTransformer(cfg).flops_per_step(POINTS, BATCH)
-    cs = {n: Contender(n, lambda: None, flops, torch.get_num_threads()) for n in names}
+    specs = {n: solo_spec(n) for n in names}
+    cs = {n: Contender(n, lambda: None, flops, t or torch.get_num_threads()) for n, (_, t) in specs.items()}
     for r in range(rounds):
         for n in names if r % 2 == 0 else names[::-1]:
             out = subprocess.run(
-                [sys.executable, "-m", "bench.train_speed", "--one", n, "--sizes", size, "--steps",
-                 str(steps or STEPS[size]), "--threads", str(torch.get_num_threads())],
+                [sys.executable, "-m", "bench.train_speed", "--one", specs[n][0], "--sizes", size, "--steps",
+                 str(steps or STEPS[size]), "--threads", str(cs[n].threads)],
                 cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
             t = json.loads(out.stdout.strip().splitlines()[-1])
             cs[n].wall.append(t["wall"])
@@ -439,6 +465,11 @@ def solo(size: str, names: list[str], rounds: int, steps: int | None = None) -> 
     base = cs.get("hf_gpt2")
     res["speedup_vs_hf_gpt2"] = {clock: {n: ratio(base, c, clock) for n, c in cs.items() if n != "hf_gpt2"}
                                  for clock in ("wall", "cpu")} if base else {"wall": {}, "cpu": {}}
+    hf = [c for n, c in cs.items() if specs[n][0] == "hf_gpt2"]
+    if len(hf) > 1:
+        res["speedup_vs_best_hf"] = {"wall": {
+            n: statistics.median(min(h.wall[r] for h in hf) / c.wall[r] for r in range(rounds))
+            for n, c in cs.items() if c not in hf}}
     return res
 
 
@@ -466,12 +497,14 @@ def profile(size: str, steps: int = 2, rows: int = 15) -> None:
 def format_table(results: list[dict], clock: str = "wall") -> str:
     """One line per contender: steps/s, achieved GFLOP/s, MFU and speedups, on one clock."""
     rel = any("speedup_vs_ours" in r for r in results)
+    best = clock == "wall" and any("speedup_vs_best_hf" in r for r in results)
     lines = [f"{'[' + clock + ' clock]':<12} {'size':<6} {'contender':<18} {'steps/s':>8} {'GFLOP/s':>8} {'MFU':>6}"
              f" {'vs HF':>6}"
-             + (f" {'vs ours':>7}" if rel else "")]
+             + (f" {'vs ours':>7}" if rel else "") + (f" {'vs best HF':>10}" if best else "")]
     for r in results:
         vs_hf = r["speedup_vs_hf_gpt2"][clock]
         vs_ours = r.get("speedup_vs_ours", {}).get(clock, {})
+        vs_best = r.get("speedup_vs_best_hf", {}).get(clock, {})
         for name, s in r["contenders"].items():
             d = s[clock]
             mfu = f"{d['mfu']:.1%}" if "mfu" in d else ""
@@ -480,6 +513,8 @@ def format_table(results: list[dict], clock: str = "wall") -> str:
                     f" {d.get('achieved_flops', 0) / 1e9:8.1f} {mfu:>6} {hf:>6}")
             if rel:
                 line += f" {(f'{vs_ours[name]:.2f}x' if name in vs_ours else ''):>7}"
+            if best:
+                line += f" {(f'{vs_best[name]:.2f}x' if name in vs_best else ''):>10}"
             lines.append(line)
     return "\n".join(lines)
 
@@ -497,8 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the whole run")
     p.add_argument("--profile", action="store_true",
                    help="instead: torch.profiler op table of our step (and the comparator's) at each size")
-    p.add_argument("--solo", nargs="+", default=None, choices=SOLO_NAMES, metavar="NAME",
-                   help="instead: these contenders each in a process of its own, alternating (a cross-check)")
+    p.add_argument("--solo", nargs="+", default=None, type=str, metavar="NAME[@THREADS]",
+                   help="instead: these contenders each in a process of its own, alternating (a cross-check); "
+                        "NAME@T runs that one at T torch threads")
     p.add_argument("--one", default=None, choices=SOLO_NAMES, help=argparse.SUPPRESS)  # a --solo child
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
@@ -511,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
         for size in a.sizes:
             profile(size, a.steps or 2)
         return 0
+    for spec in a.solo or []:
+        try:
+            solo_spec(spec)
+        except argparse.ArgumentTypeError as e:
+            p.error(str(e))
     if a.solo:
         results = [solo(s, a.solo, a.rounds, a.steps) for s in a.sizes]
     elif a.levers is not None:

@@ -123,12 +123,19 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     cuda_graph: bool = False  # on CUDA, replay the whole step from a CUDA graph (icl_core.cuda_graph); eager on CPU
+    batch_threads: int = Field(1, ge=1)  # on CPU, split each batch over this many threads (icl_core.threaded_step)
 
     @model_validator(mode="after")
     def _one_way_to_speed_up(self) -> TrainConfig:
         if self.compile and self.cuda_graph:
             raise _FieldError("cuda_graph", "train.cuda_graph and train.compile are two ways to the same end; "
                               "set one of them")
+        if self.batch_threads > 1 and self.compile:
+            raise _FieldError("batch_threads", "train.batch_threads and train.compile do not combine (the shards "
+                              "would run compiled code from several threads at once); set one of them")
+        if self.batch_threads > self.batch_size:
+            raise _FieldError("batch_threads", f"{self.batch_threads} threads need a batch of at least as many "
+                              f"prompts (train.batch_size is {self.batch_size})")
         return self
 
 
@@ -314,7 +321,7 @@ def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfi
 
 # Fields added after sweeps had run, hashed only away from their default: the trials of those sweeps keep
 # their hashes, so a new `sweep run` still finds them finished.
-HASHED_ONLY_WHEN_SET: dict[tuple[str, str], Any] = {("train", "cuda_graph"): False}
+HASHED_ONLY_WHEN_SET: dict[tuple[str, str], Any] = {("train", "cuda_graph"): False, ("train", "batch_threads"): 1}
 
 
 def canonical_json(data: Any) -> str:

@@ -23,6 +23,7 @@ from .config import ConfigError, RunConfig, TrainConfig, dump_yaml, validate_run
 from .cuda_graph import GraphedStep, capturable_lr
 from .families import sample_prompts
 from .model import ICLTransformer, ModelConfig
+from .threaded_step import ThreadedStep, single_threaded_ops
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
@@ -212,6 +213,8 @@ def train(
     tc = cfg.train
     forward = torch.compile(model) if tc.compile else model
     graphed_step = GraphedStep(model, optimizer, tc.grad_clip) if graphed else None
+    threaded = tc.batch_threads > 1 and device.type == "cpu"  # on CUDA the same config trains as one batch
+    threaded_step = ThreadedStep(model, optimizer, tc.grad_clip, tc.batch_threads) if threaded else None
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
@@ -221,7 +224,11 @@ def train(
     start = time.perf_counter()
     bar = _progress_bar(tc.steps, step, progress)
     model.train()
-    with open(out / METRICS, "a", newline="") as metrics_file:
+    with (
+        open(out / METRICS, "a", newline="") as metrics_file,
+        single_threaded_ops() if threaded else contextlib.nullcontext(),
+        contextlib.closing(threaded_step) if threaded_step else contextlib.nullcontext(),
+    ):
         writer = csv.DictWriter(metrics_file, fieldnames=METRIC_FIELDS)
         while step < tc.steps:
             lr = lr_at(step, tc)
@@ -234,14 +241,17 @@ def train(
             else:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with autocast:
-                    pred = forward(xs, ys)
-                loss = (pred.float() - ys).square().mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
+                if threaded_step is not None:
+                    loss = threaded_step(xs, ys)
+                else:
+                    with autocast:
+                        pred = forward(xs, ys)
+                    loss = (pred.float() - ys).square().mean()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if tc.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                    optimizer.step()
             # The first non-finite step is kept on the device and read at log and checkpoint steps only: a
             # per-step loss.item() would make the host wait for the GPU every step. Steps after it run on NaN
             # weights that are never logged or saved.

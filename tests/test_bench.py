@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -108,6 +110,10 @@ def test_python_m_bench_writes_json(tmp_path):
     assert {"ours", "ours_compiled", "hf_gpt2", "hf_gpt2_eager", "gemm_floor"} <= set(tiny["contenders"])
     assert tiny["speedup_vs_hf_gpt2"]["wall"]["ours"] > 0 and tiny["speedup_vs_hf_gpt2"]["wall"]["ours_compiled"] > 0
     assert "hf_gpt2" in r.stdout
+    if (os.cpu_count() or 1) >= 2:  # the two-core section, each contender in its own process
+        (two,) = res["two_cores"]
+        assert set(two["contenders"]) == {"ours", "ours@2", "batch_threads_2", "hf_gpt2", "hf_gpt2@2"}
+        assert two["speedup_vs_best_hf"]["wall"]["batch_threads_2"] > 0 and "vs best HF" in r.stdout
 
 
 def test_batched_lasso_agrees_with_sklearn():
@@ -203,12 +209,19 @@ def test_attention_kernel_lever_matches_sdpa_forward_and_backward(n_head):
     assert torch.allclose(lever.predict(xs[:, :4], ys[:, :4]), ours.predict(xs[:, :4], ys[:, :4]), atol=1e-6)
 
 
-def test_solo_runs_each_contender_in_its_own_process():
+def test_solo_runs_each_contender_in_its_own_process_at_its_thread_count():
     pytest.importorskip("transformers")
     from bench import train_speed
 
-    res = train_speed.solo("tiny", ["ours", "hf_gpt2"], rounds=2, steps=1)
-    assert res["solo"] and set(res["contenders"]) == {"ours", "hf_gpt2"}
+    res = train_speed.solo("tiny", ["ours", "batch_threads_2", "hf_gpt2", "hf_gpt2@2"], rounds=2, steps=1)
+    assert res["solo"] and set(res["contenders"]) == {"ours", "batch_threads_2", "hf_gpt2", "hf_gpt2@2"}
     assert len(res["contenders"]["ours"]["cpu"]["per_round"]) == 2
+    assert res["contenders"]["hf_gpt2@2"]["threads"] == 2
     assert res["speedup_vs_hf_gpt2"]["cpu"]["ours"] > 0
-    assert "hf_gpt2" in train_speed.format_table([res], "wall")
+    # against the faster HF setting of each round: never more than against either one alone
+    best = res["speedup_vs_best_hf"]["wall"]
+    assert set(best) == {"ours", "batch_threads_2"}
+    assert best["ours"] <= res["speedup_vs_hf_gpt2"]["wall"]["ours"] + 1e-12
+    assert "vs best HF" in train_speed.format_table([res], "wall")
+    with pytest.raises(argparse.ArgumentTypeError):
+        train_speed.solo_spec("hf_gpt2@two")

@@ -119,12 +119,13 @@ def _rows(path: Path) -> int:
         return 0
 
 
-def test_sigkill_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("batch_threads", [1, 2])
+def test_sigkill_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, batch_threads):
     """SIGKILL a real training process at random steps (before the first checkpoint and between later
     ones), resume each time, and compare weights and logged losses bit for bit with an uninterrupted run."""
     steps = 300
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(tiny(steps=steps, checkpoint_every=25, log_every=1)))
+    cfg.write_text(yaml.safe_dump(tiny(steps=steps, checkpoint_every=25, log_every=1, batch_threads=batch_threads)))
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     assert run_cli("train", cfg, "--out", ref, "--no-progress").returncode == 0
 
@@ -163,7 +164,7 @@ def test_cuda_graph_setting_trains_eagerly_on_cpu_and_keeps_old_hashes(tmp_path)
     assert runs[1] == runs[0]  # bit-identical: the eager step
     plain = validate_run_config(tiny())
     legacy = plain.to_dict()
-    del legacy["train"]["cuda_graph"]
+    del legacy["train"]["cuda_graph"], legacy["train"]["batch_threads"]  # the fields added since
     assert plain.config_hash == config_hash(legacy)
     assert validate_run_config(tiny(cuda_graph=True)).config_hash != plain.config_hash
 
@@ -173,4 +174,63 @@ def test_cuda_graph_and_compile_are_exclusive(tmp_path):
     cfg.write_text(yaml.safe_dump(tiny(cuda_graph=True, compile=True)))
     r = run_cli("train", cfg, "--out", tmp_path / "run")
     assert r.returncode == 2 and "train.cuda_graph" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_threads_train_the_same_model_and_keep_old_hashes(tmp_path):
+    # train.batch_threads splits each batch over CPU threads: the same loss and gradients up to float32
+    # rounding (shards of 11, 11 and 10 prompts for 3 threads), and configs without it keep their hashes.
+    from icl_core.config import config_hash
+
+    losses, states = [], []
+    for threads in (1, 2, 3):
+        cfg = validate_run_config(tiny(steps=30, log_every=1, checkpoint_every=30, batch_threads=threads))
+        train(cfg, tmp_path / str(threads), progress=False)
+        losses.append([float(r["loss"]) for r in read_metrics(tmp_path / str(threads) / METRICS)])
+        states.append(torch.load(tmp_path / str(threads) / CHECKPOINT, weights_only=False)["model"])
+    for other, state in zip(losses[1:], states[1:]):
+        assert len(other) == 30 and other == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
+        for name, value in states[0].items():
+            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    plain = validate_run_config(tiny())
+    legacy = plain.to_dict()
+    del legacy["train"]["cuda_graph"], legacy["train"]["batch_threads"]  # the fields added since
+    assert plain.config_hash == config_hash(legacy)
+    assert validate_run_config(tiny(batch_threads=2)).config_hash != plain.config_hash
+
+
+def test_threaded_step_runs_each_shard_on_its_own_single_threaded_thread():
+    import threading
+
+    from icl_core.families import Linear, sample_prompts
+    from icl_core.threaded_step import ThreadedStep, single_threaded_ops
+    from icl_core.train import build_model, build_optimizer
+
+    cfg = validate_run_config(tiny(batch_threads=2))
+    model = build_model(cfg)
+    seen: list[tuple[int, int, int]] = []  # (thread, torch threads, shard size) per forward
+    model.register_forward_pre_hook(
+        lambda _m, args: seen.append((threading.get_ident(), torch.get_num_threads(), len(args[0]))))
+    step = ThreadedStep(model, build_optimizer(model, cfg.train, torch.device("cpu")), 1.0, 2)
+    xs, ys = sample_prompts(Linear(), 32, 11, 5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = (model(xs, ys) - ys).square().mean().item()  # the batch loss before the step
+    seen.clear()
+    before = torch.get_num_threads()
+    try:
+        with single_threaded_ops():
+            loss = step(xs, ys)
+    finally:
+        step.close()
+    assert torch.get_num_threads() == before
+    assert len({t for t, _, _ in seen}) == 2 and {(n, size) for _, n, size in seen} == {(1, 16)}
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("train_kw", [{"batch_threads": 2, "compile": True}, {"batch_threads": 40}])
+def test_bad_batch_threads_exit_2_naming_the_field(tmp_path, train_kw):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(**train_kw)))
+    r = run_cli("train", cfg, "--out", tmp_path / "run")
+    assert r.returncode == 2 and "train.batch_threads" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
