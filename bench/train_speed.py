@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -50,6 +51,9 @@ SIZES = {
 }
 # steps per contender per round
 STEPS = {"paper": 1, "small": 6, "tiny": 6}
+# untimed steps first: a fresh process page-faults in its allocator's memory for the first 3-4 steps at paper size
+# (0.6-1.7 s of system time per step), then touches no new pages (docs/performance.md, "Warm-up")
+WARMUP = {"paper": 4, "small": 8, "tiny": 2}
 
 
 def model_config(size: str) -> ModelConfig:
@@ -326,7 +330,7 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def run(cs: list[Contender], rounds: int, steps: int) -> dict:
+def run(cs: list[Contender], rounds: int, steps: int, warmup: int = 2) -> dict:
     """Time `cs` plus a torch.mm contender per thread count; per-contender summaries."""
     mms = {}
     for c in cs:
@@ -334,7 +338,7 @@ def run(cs: list[Contender], rounds: int, steps: int) -> dict:
         if t not in mms:
             mms[t] = matmul(c.threads)
     load_before = load()
-    alternate([*cs, *mms.values()], rounds, steps)
+    alternate([*cs, *mms.values()], rounds, steps, warmup)
     contenders = {c.name: summary(c, mms[c.threads or torch.get_num_threads()]) for c in cs}
     contenders.update({m.name: summary(m, None) for m in mms.values()})
     return {"loadavg_before_after": [load_before, load()], "contenders": contenders}
@@ -359,7 +363,7 @@ def compare_size(size: str, rounds: int, steps: int | None = None, eager: bool =
     if floor:
         cs.append(gemm_floor(ours(cfg)))
     res = {"size": size, "model": SIZES[size], "flops_per_step": flops, "threads": torch.get_num_threads(),
-           **run(cs, rounds, steps or STEPS[size])}
+           **run(cs, rounds, steps or STEPS[size], WARMUP[size])}
     res["speedup_vs_hf_gpt2"] = {clock: {c.name: ratio(cs[1], c, clock) for c in cs if c.name != "hf_gpt2"}
                                  for clock in ("wall", "cpu")}
     return res
@@ -399,7 +403,7 @@ def levers(size: str, names: list[str], rounds: int, steps: int | None = None) -
         threads = opts.pop("threads", None)
         cs.append(Contender(name, ours(cfg, **opts), flops, threads=threads))
     res = {"size": size, "model": SIZES[size], "flops_per_step": flops, "threads": torch.get_num_threads(),
-           **run(cs, rounds, steps or STEPS[size])}
+           **run(cs, rounds, steps or STEPS[size], WARMUP[size])}
     res["speedup_vs_ours"] = {clock: {c.name: ratio(cs[0], c, clock) for c in cs[1:]} for clock in ("wall", "cpu")}
     res["speedup_vs_hf_gpt2"] = {clock: {c.name: ratio(cs[1], c, clock) for c in cs if c.name != "hf_gpt2"}
                                  for clock in ("wall", "cpu")}
@@ -420,15 +424,18 @@ def make_contender_step(name: str, cfg: ModelConfig) -> Callable[[], float]:
 SOLO_NAMES = ["ours", "ours_compiled", "hf_gpt2", "hf_gpt2_eager", *LEVERS]
 
 
-def time_one(name: str, size: str, steps: int, warmup: int = 2) -> dict:
-    """Seconds per step of one contender alone in this process (the child side of `solo`)."""
+def time_one(name: str, size: str, steps: int, warmup: int | None = None) -> dict:
+    """Seconds per step of one contender alone in this process (the child side of `solo`), and the page
+    faults per step, which show whether the warm-up reached the steady state."""
     step = make_contender_step(name, model_config(size))
-    for _ in range(warmup):
+    for _ in range(WARMUP[size] if warmup is None else warmup):
         step()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     w0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
-    return {"wall": (time.perf_counter() - w0) / steps, "cpu": (time.process_time() - c0) / steps}
+    return {"wall": (time.perf_counter() - w0) / steps, "cpu": (time.process_time() - c0) / steps,
+            "page_faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / steps}
 
 
 def solo_spec(spec: str) -> tuple[str, int | None]:
@@ -451,6 +458,7 @@ def solo(size: str, names: list[str], rounds: int, steps: int | None = None) -> 
     flops = ICLTransformer(cfg).flops_per_step(POINTS, BATCH)
     specs = {n: solo_spec(n) for n in names}
     cs = {n: Contender(n, lambda: None, flops, t or torch.get_num_threads()) for n, (_, t) in specs.items()}
+    faults: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names if r % 2 == 0 else names[::-1]:
             out = subprocess.run(
@@ -460,8 +468,10 @@ def solo(size: str, names: list[str], rounds: int, steps: int | None = None) -> 
             t = json.loads(out.stdout.strip().splitlines()[-1])
             cs[n].wall.append(t["wall"])
             cs[n].cpu.append(t["cpu"])
+            faults[n].append(t["page_faults"])
     res = {"size": size, "model": SIZES[size], "flops_per_step": flops, "threads": torch.get_num_threads(),
-           "solo": True, "contenders": {n: summary(c, None) for n, c in cs.items()}}
+           "solo": True, "warmup": WARMUP[size],
+           "contenders": {n: {**summary(c, None), "page_faults_per_step": faults[n]} for n, c in cs.items()}}
     base = cs.get("hf_gpt2")
     res["speedup_vs_hf_gpt2"] = {clock: {n: ratio(base, c, clock) for n, c in cs.items() if n != "hf_gpt2"}
                                  for clock in ("wall", "cpu")} if base else {"wall": {}, "cpu": {}}

@@ -217,6 +217,10 @@ def test_solo_runs_each_contender_in_its_own_process_at_its_thread_count():
     assert res["solo"] and set(res["contenders"]) == {"ours", "batch_threads_2", "hf_gpt2", "hf_gpt2@2"}
     assert len(res["contenders"]["ours"]["cpu"]["per_round"]) == 2
     assert res["contenders"]["hf_gpt2@2"]["threads"] == 2
+    # each child warms up before timing and reports the page faults of its timed steps
+    assert res["warmup"] == train_speed.WARMUP["tiny"]
+    assert all(len(c["page_faults_per_step"]) == 2 and min(c["page_faults_per_step"]) >= 0
+               for c in res["contenders"].values())
     assert res["speedup_vs_hf_gpt2"]["cpu"]["ours"] > 0
     # against the faster HF setting of each round: never more than against either one alone
     best = res["speedup_vs_best_hf"]["wall"]
