@@ -160,7 +160,8 @@ def ours(
 
     Levers: `compile` (torch.compile the model), `optimizer` ("default", or Adam with "foreach", "fused" or
     "loop"), `grad_clip` (None = TrainConfig's default), `data` ("fresh" or "preallocated"), `gelu` (None = the
-    model's; "erf" = exact GELU, an experiment: not GPT-2's function), `full_last_layer` (see FullLastLayer),
+    model's; "erf" = exact GELU, an experiment: not GPT-2's function; "aten" = ATen's tanh-GELU kernel, the CPU default
+    before SigmoidGELU), `full_last_layer` (see FullLastLayer),
     `attention` ("sdpa", or "kernel": bench/cpu_attention.py's hand-written kernel), `batch_threads`
     (`train.batch_threads`: the batch split over this many single-threaded threads, icl_core.threaded_step).
     """
@@ -171,10 +172,11 @@ def ours(
         from .cpu_attention import use_kernel
 
         use_kernel(model)
-    if gelu == "erf":
+    if gelu in ("erf", "aten"):
+        approximate = "none" if gelu == "erf" else "tanh"
         for block in model.blocks:
             mlp = block.mlp
-            mlp.forward = lambda x, m=mlp: m.c_proj(F.gelu(m.c_fc(x)))
+            mlp.forward = lambda x, m=mlp: m.c_proj(F.gelu(m.c_fc(x), approximate=approximate))
     if optimizer == "default":
         opt = build_optimizer(model, tc, torch.device("cpu"))
     else:
@@ -382,6 +384,8 @@ LEVERS: dict[str, dict] = {
     "attention_kernel": {"attention": "kernel"},
     "compile_attention_kernel": {"compile": True, "attention": "kernel"},
     "batch_threads_2": {"batch_threads": 2},
+    "aten_gelu": {"gelu": "aten"},
+    "batch_threads_2_aten_gelu": {"batch_threads": 2, "gelu": "aten"},
 }
 
 
