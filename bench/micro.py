@@ -1,9 +1,9 @@
 """Micro-benchmarks behind the lever predictions in docs/performance.md (one thread, process CPU time).
 
-GELU variants, attention implementations and the GEMM shapes of a paper-size step, and the cost of drawing
-one batch of prompts. Each figure is the median of `reps` timings after a warm-up.
+GELU variants, attention implementations and the GEMM shapes of a paper-size step, the cost of drawing
+one batch of prompts, and the optimizer step. Each figure is the median of `reps` timings after a warm-up.
 
-    python -m bench.micro [--reps 7] [--parts gelu_ms attention_ms gemm_gflops prompts] [--json OUT]
+    python -m bench.micro [--reps 7] [--parts gelu_ms attention_ms gemm_gflops prompts optimizer_ms] [--json OUT]
 """
 
 from __future__ import annotations
@@ -169,7 +169,32 @@ def prompts(reps: int) -> dict:
     return {"sample_prompts(linear, 64, 41, 20) ms": ms(lambda: sample_prompts(Linear(), 64, 41, 20, gen), reps * 10)}
 
 
-PARTS = {"gelu_ms": gelu, "attention_ms": attention, "gemm_gflops": gemms, "prompts": prompts}
+def optimizer(reps: int) -> dict:
+    """The work after the shards of a `batch_threads: 2` step, which runs on one thread: summing two gradients
+    (into new tensors, as before 2026-12-01, and in place), clipping, and AdamW (foreach, the CPU default before
+    2026-12-01, and fused), at small and paper size."""
+    from icl_core.config import TrainConfig
+    from icl_core.model import ICLTransformer, ModelConfig
+    from icl_core.train import build_optimizer
+
+    out = {}
+    for size, (layers, heads, width) in {"small": (4, 4, 64), "paper": (12, 8, 256)}.items():
+        model = ICLTransformer(ModelConfig(n_layer=layers, n_head=heads, n_embd=width))
+        params = list(model.parameters())
+        shards = [[torch.randn_like(p) * 1e-3 for p in params] for _ in range(2)]
+        row = {"sum two gradients, new tensors": ms(lambda s=shards: [a + b for a, b in zip(*s)], reps),
+               "sum two gradients, in place (ThreadedStep)": ms(lambda s=shards: [a.add_(b) for a, b in zip(*s)], reps)}
+        for p, g in zip(params, shards[0]):
+            p.grad = g.clone()
+        row["clip_grad_norm_"] = ms(lambda ps=params: torch.nn.utils.clip_grad_norm_(ps, 1.0), reps)
+        row["AdamW foreach"] = ms(torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=True).step, reps)
+        row["AdamW fused (build_optimizer)"] = ms(build_optimizer(model, TrainConfig(), torch.device("cpu")).step, reps)
+        out[f"{size} ({sum(p.numel() for p in params) / 1e6:.2f} M parameters)"] = row
+    return out
+
+
+PARTS = {"gelu_ms": gelu, "attention_ms": attention, "gemm_gflops": gemms, "prompts": prompts,
+         "optimizer_ms": optimizer}
 
 
 def main(argv: list[str] | None = None) -> int:

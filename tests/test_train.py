@@ -227,6 +227,17 @@ def test_threaded_step_runs_each_shard_on_its_own_single_threaded_thread():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_shard_gradients_are_summed_in_place_but_never_through_a_view():
+    from icl_core.threaded_step import _sum_into
+
+    own, other = torch.ones(3), torch.full((3,), 2.0)
+    assert _sum_into(own, other) is own and own.tolist() == [3.0, 3.0, 3.0]
+    base = torch.ones(3)
+    for shared in (base.expand(2, 3), base[:2]):  # an expanded tensor and a view: summed into a new tensor
+        total = _sum_into(shared, torch.ones(shared.shape))
+        assert total.tolist() == torch.full(shared.shape, 2.0).tolist() and base.tolist() == [1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("train_kw", [{"batch_threads": 2, "compile": True}, {"batch_threads": 40}])
 def test_bad_batch_threads_exit_2_naming_the_field(tmp_path, train_kw):
     cfg = tmp_path / "c.yaml"
