@@ -3,7 +3,8 @@
 GELU variants, attention implementations and the GEMM shapes of a paper-size step, the cost of drawing
 one batch of prompts, and the optimizer step. Each figure is the median of `reps` timings after a warm-up.
 
-    python -m bench.micro [--reps 7] [--parts gelu_ms attention_ms gemm_gflops prompts optimizer_ms] [--json OUT]
+    python -m bench.micro [--reps 7] [--parts gelu_ms attention_ms attention_chunks_ms
+        gemm_gflops prompts optimizer_ms] [--json OUT]
 """
 
 from __future__ import annotations
@@ -146,6 +147,98 @@ def attention(reps: int) -> dict:
     return {f"B=64 H={h} T=81 hd={hd}": attention_row(h, hd, reps) for h, hd in ((4, 16), (8, 32))}
 
 
+class ChunkedCausalAttention(torch.autograd.Function):
+    """Causal attention on the fused (B, T, 3C) q/k/v as baddbmm + softmax + bmm over query chunks: rows a..b-1
+    attend to keys 0..b-1 only, so the masked upper triangle is computed only inside each chunk's own block."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads: int, bounds: tuple[int, ...]):
+        B, T, C3 = qkv.shape
+        hd = C3 // 3 // heads
+        h = qkv.view(B, T, 3, heads, hd).permute(2, 0, 3, 1, 4).reshape(3, B * heads, T, hd)
+        q, k, v = h[0], h[1], h[2]
+        scale = hd**-0.5
+        o = torch.empty(B * heads, T, hd, dtype=qkv.dtype)
+        ps = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            masked = torch.ones(b - a, b, dtype=torch.bool).triu(a + 1)  # key j > query a + i
+            bias = torch.zeros(b - a, b, dtype=qkv.dtype).masked_fill_(masked, float("-inf"))
+            p = torch.softmax(torch.baddbmm(bias, q[:, a:b], k[:, :b].transpose(1, 2), alpha=scale), -1)
+            o[:, a:b] = torch.bmm(p, v[:, :b])
+            ps.append(p)
+        ctx.save_for_backward(h, o, *ps)
+        ctx.dims = (B, T, heads, hd, scale, bounds)
+        return o.view(B, heads, T, hd).transpose(1, 2).reshape(B, T, heads * hd)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, o, *ps = ctx.saved_tensors
+        B, T, heads, hd, scale, bounds = ctx.dims
+        q, k, v = h[0], h[1], h[2]
+        do = g.view(B, T, heads, hd).transpose(1, 2).reshape(B * heads, T, hd)
+        rowdot = (do * o).sum(-1, keepdim=True)  # sum_j dP_ij P_ij = dO_i . O_i
+        dh = torch.zeros(3, B * heads, T, hd, dtype=g.dtype)
+        for (a, b), p in zip(zip(bounds[:-1], bounds[1:]), ps):
+            ds = torch.bmm(do[:, a:b], v[:, :b].transpose(1, 2)).sub_(rowdot[:, a:b]).mul_(p)
+            dh[0, :, a:b].baddbmm_(ds, k[:, :b], alpha=scale)
+            dh[1, :, :b].baddbmm_(ds.transpose(1, 2), q[:, a:b], alpha=scale)
+            dh[2, :, :b].baddbmm_(p.transpose(1, 2), do[:, a:b])
+        return dh.view(3, B, heads, T, hd).permute(1, 3, 0, 2, 4).reshape(B, T, 3 * heads * hd), None, None
+
+
+def sdpa_on_fused(qkv: torch.Tensor, heads: int, chunk: int | None = None) -> torch.Tensor:
+    """The model's attention on the fused q/k/v (views, SDPA, the (B, T, C) output); with `chunk`, SDPA on two
+    query chunks, the second with a boolean mask over all keys."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (t.view(B, T, heads, C // heads).transpose(1, 2) for t in qkv.split(C, dim=2))
+    if chunk is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        top = F.scaled_dot_product_attention(q[:, :, :chunk], k[:, :, :chunk], v[:, :, :chunk], is_causal=True)
+        mask = torch.ones(T - chunk, T, dtype=torch.bool).tril(chunk)
+        y = torch.cat([top, F.scaled_dot_product_attention(q[:, :, chunk:], k, v, attn_mask=mask)], dim=2)
+    return y.transpose(1, 2).reshape(B, T, C)
+
+
+def attention_chunks_row(B: int, heads: int, hd: int, reps: int) -> dict:
+    T, C = 81, heads * hd
+    qkv = torch.randn(B, T, 3 * C, requires_grad=True)
+    g = torch.randn(B, T, C)
+
+    def no_mask() -> torch.Tensor:
+        q, k, v = (t.view(B, T, heads, hd).transpose(1, 2) for t in qkv.split(C, dim=2))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C)
+
+    variants = {
+        "sdpa causal (ours)": lambda: sdpa_on_fused(qkv, heads),
+        "sdpa, no mask (not causal)": no_mask,
+        "sdpa, 2 query chunks (41 + 40)": lambda: sdpa_on_fused(qkv, heads, chunk=41),
+    }
+    for bounds in ((0, 81), (0, 41, 81), (0, 27, 54, 81), (0, 21, 41, 61, 81)):
+        variants[f"explicit, {len(bounds) - 1} chunk(s)"] = lambda b=bounds: ChunkedCausalAttention.apply(qkv, heads, b)
+    ref = sdpa_on_fused(qkv, heads)
+    row = {}
+    for name, fn in variants.items():
+        if fn is not no_mask:  # every other variant is the same function
+            torch.testing.assert_close(fn(), ref, atol=1e-5, rtol=1e-5)
+
+        def fwd_bwd(fn=fn):
+            qkv.grad = None
+            fn().backward(g)
+
+        row[name] = ms(fwd_bwd, reps)
+    return row
+
+
+def attention_chunks(reps: int) -> dict:
+    """Forward + backward of causal attention on one `batch_threads: 2` shard (32 prompts, T = 81), from the fused
+    q/k/v to the (B, T, C) output: SDPA with and without the causal mask (does flash skip masked keys?), and
+    query chunks that skip them (SDPA per chunk; the explicit ChunkedCausalAttention)."""
+    return {f"B=32 H={h} T=81 hd={hd}, fwd+bwd ms": attention_chunks_row(32, h, hd, reps)
+            for h, hd in ((4, 16), (8, 32))}
+
+
 def gemms(reps: int) -> dict:
     """GFLOP/s of the matmuls in a paper-size step (forward, input grad, weight grad), and a 1024^3 square."""
     shapes = {
@@ -193,8 +286,8 @@ def optimizer(reps: int) -> dict:
     return out
 
 
-PARTS = {"gelu_ms": gelu, "attention_ms": attention, "gemm_gflops": gemms, "prompts": prompts,
-         "optimizer_ms": optimizer}
+PARTS = {"gelu_ms": gelu, "attention_ms": attention, "attention_chunks_ms": attention_chunks,
+         "gemm_gflops": gemms, "prompts": prompts, "optimizer_ms": optimizer}
 
 
 def main(argv: list[str] | None = None) -> int:

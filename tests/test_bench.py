@@ -209,6 +209,26 @@ def test_attention_kernel_lever_matches_sdpa_forward_and_backward(n_head):
     assert torch.allclose(lever.predict(xs[:, :4], ys[:, :4]), ours.predict(xs[:, :4], ys[:, :4]), atol=1e-6)
 
 
+@pytest.mark.parametrize("bounds", [(0, 21), (0, 11, 21), (0, 7, 14, 21)])
+def test_chunked_attention_experiment_is_causal_attention_forward_and_backward(bounds):
+    """The query-chunk attention timed in `bench.micro --parts attention_chunks_ms` computes what SDPA does."""
+    from bench.micro import ChunkedCausalAttention, sdpa_on_fused
+
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 21, 96, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 21, 32, dtype=torch.float64)
+    want = sdpa_on_fused(qkv, 2)
+    (want_grad,) = torch.autograd.grad(want, qkv, g)
+    got = ChunkedCausalAttention.apply(qkv, 2, bounds)
+    (got_grad,) = torch.autograd.grad(got, qkv, g)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-12, rtol=1e-10)
+    # Causal: a later token's q, k or v moves no earlier output.
+    moved = qkv.detach().clone()
+    moved[:, 15:] += 1.0
+    torch.testing.assert_close(ChunkedCausalAttention.apply(moved, 2, bounds)[:, :15], got.detach()[:, :15])
+
+
 def test_solo_runs_each_contender_in_its_own_process_at_its_thread_count():
     pytest.importorskip("transformers")
     from bench import train_speed
