@@ -3,17 +3,26 @@
 // qkv is the (B, T, 3C) output of the fused q/k/v projection; y the (B, TQ, C) attention output before c_proj.
 // Query i sits at position i * qs (qs = 1: every position; qs = 2: the even ones) and sees keys 0 .. i * qs.
 // One batch item at a time is staged head by head into contiguous buffers that stay in L2; each query row is
-// then a few 16-wide FMA loops. The softmax uses a vectorised exp; the backward recomputes P from the saved
-// log-sum-exp, as flash attention does.
+// then a few FMA loops one vector register wide. The softmax uses a vectorised exp; the backward recomputes P
+// from the saved log-sum-exp, as flash attention does.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 namespace {
 
-typedef float vf __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 registers
-typedef int vi __attribute__((vector_size(64)));
+// One vector register: 16 floats with AVX-512, 8 with AVX2 (GCC splits 64-byte vectors badly there: 3-6x slower).
+#ifdef __AVX512F__
 constexpr int W = 16;
+#else
+constexpr int W = 8;
+#endif
+// Keys per block in the backward's column loop: its 2 KB D / W accumulators fill about half the vector registers
+// (32 with AVX-512, 16 with AVX2).
+template <int D>
+constexpr int KEY_BLOCK = 8 * W / D;
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int vi __attribute__((vector_size(4 * W)));
 
 inline vf load(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, vf v) { memcpy(p, &v, sizeof v); }
@@ -47,7 +56,7 @@ struct Dims {
     float scale;
 };
 
-// s[j] = sum_d a[d] XT[d][j] over the blocks of 16 keys j < 16 nb; four blocks at a time hide the FMA latency.
+// s[j] = sum_d a[d] XT[d][j] over the blocks of W keys j < W nb; four blocks at a time hide the FMA latency.
 template <int D>
 inline void row_times(const float* a, const float* XT, long Tp, long nb, float* s) {
     long jb = 0;
@@ -170,7 +179,7 @@ void backward_item(const Dims& m, const float* qkv, const float* y, const float*
             for (int c = 0; c < D / W; ++c) store(gq + c * W, dq[c]);
         }
         // Columns, KB keys at a time: dK_j = sum_i dS_ij q_i, dV_j = sum_i P_ij dO_i over the queries that see j.
-        constexpr int KB = D == 16 ? 8 : D == 32 ? 4 : 2;
+        constexpr int KB = KEY_BLOCK<D>;
         for (long j0 = 0; j0 < m.T; j0 += KB) {
             vf dk[KB][D / W] = {}, dv[KB][D / W] = {};
             for (long i = (j0 + m.qs - 1) / m.qs; i < m.TQ; ++i) {
@@ -222,7 +231,7 @@ int forward_all(const Dims& m, const float* qkv, float* y, float* lse) {
 template <int D>
 int backward_all(const Dims& m, const float* qkv, const float* y, const float* lse, const float* gy, float* gqkv) {
     const long size = m.H * D * m.Tp;
-    float* buf = zeroed(4 * size + 2 * m.TQ * m.Tp);
+    float* buf = zeroed(4 * size + 2 * m.TQ * m.Tp + 8);  // + 8: a key block may read past the last row
     if (!buf) return 2;
     for (long b = 0; b < m.B; ++b) {
         const long yoff = b * m.TQ * m.C;

@@ -1,11 +1,11 @@
 """Lever experiment: a hand-written CPU kernel for the model's causal attention (bench/attention_kernel.cpp).
 
 Same function as `F.scaled_dot_product_attention` (float32 rounding apart), for heads of 16, 32 or 64 dims:
-forward and backward of one batch item at a time in L2, 16-wide vector loops over keys, the flash-attention
-backward from the saved log-sum-exp. It reads the fused q/k/v projection as it is and writes the (B, T, C)
-layout c_proj reads, so no transposes. Built on first use with the system C++ compiler (g++, -O3
--march=native) into ~/.cache/iclmix-bench, loaded with ctypes, and registered as a torch custom op so that
-torch.compile keeps it in one graph. docs/performance.md ("Levers") has the figures.
+forward and backward of one batch item at a time in L2, vector loops over keys (16 floats wide with AVX-512,
+8 with AVX2), the flash-attention backward from the saved log-sum-exp. It reads the fused q/k/v projection as it
+is and writes the (B, T, C) layout c_proj reads, so no transposes. Built on first use with the system C++ compiler
+(g++, -O3 -march=native) into ~/.cache/iclmix-bench, loaded with ctypes, and registered as a torch custom op so
+that torch.compile keeps it in one graph. docs/performance.md ("Levers") has the figures.
 """
 
 from __future__ import annotations

@@ -387,6 +387,7 @@ LEVERS: dict[str, dict] = {
     "aten_gelu": {"gelu": "aten"},
     "batch_threads_2_aten_gelu": {"batch_threads": 2, "gelu": "aten"},
     "batch_threads_2_foreach_adam": {"batch_threads": 2, "optimizer": "foreach"},
+    "batch_threads_2_attention_kernel": {"batch_threads": 2, "attention": "kernel"},
 }
 
 

@@ -209,6 +209,29 @@ def test_attention_kernel_lever_matches_sdpa_forward_and_backward(n_head):
     assert torch.allclose(lever.predict(xs[:, :4], ys[:, :4]), ours.predict(xs[:, :4], ys[:, :4]), atol=1e-6)
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the attention kernel is built with g++")
+def test_attention_kernel_lever_gives_sdpa_gradients_on_two_shard_threads():
+    """`batch_threads_2_attention_kernel`: the kernel runs on both shard threads at once, with SDPA's gradients."""
+    from bench.cpu_attention import use_kernel
+    from icl_core.threaded_step import ThreadedStep, single_threaded_ops
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=5, max_points=11, n_layer=2, n_head=2, n_embd=32)
+    sdpa, kernel = ICLTransformer(cfg), ICLTransformer(cfg)
+    kernel.load_state_dict(sdpa.state_dict())
+    use_kernel(kernel)
+    xs, ys = torch.randn(8, 11, 5), torch.randn(8, 11)
+    losses = []
+    for model in (sdpa, kernel):
+        step = ThreadedStep(model, torch.optim.SGD(model.parameters(), lr=0.0), grad_clip=0.0, threads=2)
+        with single_threaded_ops():
+            losses.append(step(xs, ys).item())
+        step.close()
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    for (name, p), q in zip(sdpa.named_parameters(), kernel.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+
+
 @pytest.mark.parametrize("bounds", [(0, 21), (0, 11, 21), (0, 7, 14, 21)])
 def test_chunked_attention_experiment_is_causal_attention_forward_and_backward(bounds):
     """The query-chunk attention timed in `bench.micro --parts attention_chunks_ms` computes what SDPA does."""
