@@ -178,12 +178,26 @@ def test_gemm_floor_replays_the_matrix_multiplies_of_our_step():
     floor.step()  # replays on random data of the same layouts
 
 
+def _with_kernel_twin(cfg: ModelConfig) -> tuple[ICLTransformer, ICLTransformer]:
+    """A model and a copy of it (same weights) whose attention is the kernel lever."""
+    from bench.cpu_attention import use_kernel
+
+    ours, lever = ICLTransformer(cfg), ICLTransformer(cfg)
+    lever.load_state_dict(ours.state_dict())
+    return ours, use_kernel(lever)
+
+
+def _assert_same_gradients(ours: ICLTransformer, lever: ICLTransformer) -> None:
+    for (name, p), q in zip(ours.named_parameters(), lever.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the attention kernel is built with g++")
 @pytest.mark.parametrize("n_head", [2, 1])  # heads of 16 and 32 dims
 def test_attention_kernel_lever_matches_sdpa_forward_and_backward(n_head):
     import torch.nn.functional as F
 
-    from bench.cpu_attention import causal_attention, use_kernel
+    from bench.cpu_attention import causal_attention
 
     cfg = ModelConfig(dim=5, max_points=11, n_layer=2, n_head=n_head, n_embd=32)
     torch.manual_seed(0)
@@ -193,9 +207,7 @@ def test_attention_kernel_lever_matches_sdpa_forward_and_backward(n_head):
     q, k, v = (t.reshape(3, 21, n_head, 32 // n_head).transpose(1, 2) for t in qkv.split(32, dim=2))
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(3, 21, 32)
     assert torch.allclose(y, want, atol=1e-6)
-    ours, lever = ICLTransformer(cfg), ICLTransformer(cfg)
-    lever.load_state_dict(ours.state_dict())
-    use_kernel(lever)
+    ours, lever = _with_kernel_twin(cfg)
     xs, ys = torch.randn(6, 11, 5), torch.randn(6, 11)
     losses = []
     for model in (ours, lever):
@@ -203,8 +215,7 @@ def test_attention_kernel_lever_matches_sdpa_forward_and_backward(n_head):
         loss.backward()
         losses.append(loss.item())
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
-    for (name, p), q in zip(ours.named_parameters(), lever.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+    _assert_same_gradients(ours, lever)
     # Both attention modes (every position; x positions only in the last block) and a shorter prompt.
     assert torch.allclose(lever.predict(xs[:, :4], ys[:, :4]), ours.predict(xs[:, :4], ys[:, :4]), atol=1e-6)
 
@@ -212,14 +223,10 @@ def test_attention_kernel_lever_matches_sdpa_forward_and_backward(n_head):
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the attention kernel is built with g++")
 def test_attention_kernel_lever_gives_sdpa_gradients_on_two_shard_threads():
     """`batch_threads_2_attention_kernel`: the kernel runs on both shard threads at once, with SDPA's gradients."""
-    from bench.cpu_attention import use_kernel
     from icl_core.threaded_step import ThreadedStep, single_threaded_ops
 
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=5, max_points=11, n_layer=2, n_head=2, n_embd=32)
-    sdpa, kernel = ICLTransformer(cfg), ICLTransformer(cfg)
-    kernel.load_state_dict(sdpa.state_dict())
-    use_kernel(kernel)
+    sdpa, kernel = _with_kernel_twin(ModelConfig(dim=5, max_points=11, n_layer=2, n_head=2, n_embd=32))
     xs, ys = torch.randn(8, 11, 5), torch.randn(8, 11)
     losses = []
     for model in (sdpa, kernel):
@@ -228,8 +235,7 @@ def test_attention_kernel_lever_gives_sdpa_gradients_on_two_shard_threads():
             losses.append(step(xs, ys).item())
         step.close()
     assert losses[1] == pytest.approx(losses[0], abs=1e-6)
-    for (name, p), q in zip(sdpa.named_parameters(), kernel.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+    _assert_same_gradients(sdpa, kernel)
 
 
 @pytest.mark.parametrize("bounds", [(0, 21), (0, 11, 21), (0, 7, 14, 21)])
