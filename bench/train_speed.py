@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -154,6 +155,7 @@ def ours(
     full_last_layer: bool = False,
     attention: str = "sdpa",
     batch_threads: int = 1,
+    batch_processes: int = 1,
     seed: int = 0,
 ) -> Callable[[], float]:
     """Our training step: ICLTransformer + build_optimizer (fused AdamW) + clip 1.0, as in train().
@@ -163,7 +165,8 @@ def ours(
     model's; "erf" = exact GELU, an experiment: not GPT-2's function; "aten" = ATen's tanh-GELU kernel, the CPU default
     before SigmoidGELU), `full_last_layer` (see FullLastLayer),
     `attention` ("sdpa", or "kernel": bench/cpu_attention.py's hand-written kernel), `batch_threads`
-    (`train.batch_threads`: the batch split over this many single-threaded threads, icl_core.threaded_step).
+    (`train.batch_threads`: the batch split over this many single-threaded threads, icl_core.threaded_step),
+    `batch_processes` (the same split over processes, bench/process_step.py; with `compile`, each compiles).
     """
     tc = TrainConfig()
     torch.manual_seed(seed)
@@ -183,6 +186,17 @@ def ours(
         impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}[optimizer]
         opt = torch.optim.Adam(model.parameters(), lr=tc.lr, **impl)
     draw = preallocated_prompts(seed) if data == "preallocated" else fresh_prompts(seed)
+    if batch_processes > 1:
+        from .process_step import ProcessStep
+
+        processes = ProcessStep(model, opt, tc.grad_clip if grad_clip is None else grad_clip, batch_processes,
+                                functools.partial(ICLTransformer, cfg), BATCH, POINTS, DIM, compile=compile)
+
+        def step() -> float:
+            with single_threaded_ops():
+                return processes(*draw()).item()
+
+        return step
     if batch_threads > 1:
         threaded = ThreadedStep(model, opt, tc.grad_clip if grad_clip is None else grad_clip, batch_threads)
 
@@ -388,6 +402,8 @@ LEVERS: dict[str, dict] = {
     "batch_threads_2_aten_gelu": {"batch_threads": 2, "gelu": "aten"},
     "batch_threads_2_foreach_adam": {"batch_threads": 2, "optimizer": "foreach"},
     "batch_threads_2_attention_kernel": {"batch_threads": 2, "attention": "kernel"},
+    "batch_processes_2": {"batch_processes": 2},
+    "batch_processes_2_compiled": {"batch_processes": 2, "compile": True},
 }
 
 

@@ -278,3 +278,41 @@ def test_solo_runs_each_contender_in_its_own_process_at_its_thread_count():
     assert "vs best HF" in train_speed.format_table([res], "wall")
     with pytest.raises(argparse.ArgumentTypeError):
         train_speed.solo_spec("hf_gpt2@two")
+
+
+def test_process_shard_lever_trains_bit_identically_to_shard_threads():
+    """The batch_processes lever's step is ThreadedStep's computation: after steps of changing prompt shapes,
+    including a batch with an empty shard, the two give the same losses and weights, bit for bit."""
+    import functools
+
+    from bench.process_step import ProcessStep
+    from icl_core.config import TrainConfig
+    from icl_core.families import Linear, sample_prompts
+    from icl_core.threaded_step import ThreadedStep, single_threaded_ops
+    from icl_core.train import build_optimizer
+
+    cfg, tc = ModelConfig(dim=5, max_points=11, n_layer=2, n_head=2, n_embd=16), TrainConfig()
+    torch.manual_seed(0)
+    threads, processes = ICLTransformer(cfg), ICLTransformer(cfg)
+    processes.load_state_dict(threads.state_dict())
+    before = threads.read_in.weight.detach().clone()
+    opt_t, opt_p = (build_optimizer(m, tc, torch.device("cpu")) for m in (threads, processes))
+    by_threads = ThreadedStep(threads, opt_t, 1.0, 3)
+    by_processes = ProcessStep(processes, opt_p, 1.0, 3, functools.partial(ICLTransformer, cfg), 9, 11, 5)
+    gen = torch.Generator().manual_seed(1)
+    try:
+        with single_threaded_ops():
+            for batch, points in [(9, 11), (9, 7), (8, 11), (2, 5), (9, 11)]:
+                xs, ys = sample_prompts(Linear(), batch, points, 5, gen)
+                assert by_threads(xs, ys).item() == by_processes(xs, ys).item()
+        for (name, p), q in zip(threads.named_parameters(), processes.parameters()):
+            assert torch.equal(p, q), name
+        assert not torch.equal(threads.read_in.weight, before)  # the steps trained
+        # A shard process that dies fails the next step instead of hanging it.
+        by_processes.procs[0].kill()
+        by_processes.procs[0].join()
+        with single_threaded_ops(), pytest.raises(RuntimeError, match="shard process"):
+            by_processes(xs, ys)
+    finally:
+        by_threads.close()
+        by_processes.close()
