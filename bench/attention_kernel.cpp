@@ -5,6 +5,9 @@
 // One batch item at a time is staged head by head into contiguous buffers that stay in L2; each query row is
 // then a few FMA loops one vector register wide. The softmax uses a vectorised exp; the backward recomputes P
 // from the saved log-sum-exp, as flash attention does.
+//
+// Also GPT-2's tanh-GELU, x sigmoid(2u) with u = sqrt(2/pi) (x + 0.044715 x^3), forward and backward in one pass
+// each (the forward also writes sigmoid(2u) for the backward), where ATen needs 4 and 7 (icl_core.model.SigmoidGELU).
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -243,6 +246,27 @@ int backward_all(const Dims& m, const float* qkv, const float* y, const float* l
     return 0;
 }
 
+
+// sigmoid(z) from exp of -|z|, so exp never overflows.
+inline vf sigmoid(vf z) {
+    vi neg = z < 0.0f;
+    vf e = exp_neg(neg ? z : -z);
+    vf s = 1.0f / (1.0f + e);
+    return neg ? e * s : s;
+}
+
+constexpr float GELU_K2 = 2.0f * 0.7978845608028654f;  // 2 sqrt(2/pi)
+constexpr float GELU_C = 0.044715f;
+
+inline vf gelu_s(vf x) { return sigmoid(GELU_K2 * x * (1.0f + GELU_C * x * x)); }
+// g gelu'(x) from s = sigmoid(2u); x clamped at |x| = 20 in x (2u)', where s is exactly 0 or 1 in float32, so x^3
+// stays finite (as in SigmoidGELU.backward).
+inline vf gelu_grad_v(vf x, vf s, vf g) {
+    vf xc = x > 20.0f ? splat(20.0f) : (x < -20.0f ? splat(-20.0f) : x);
+    vf d = GELU_K2 * xc * (1.0f + 3.0f * GELU_C * xc * xc);  // x (2u)'
+    return g * (s + s * (1.0f - s) * d);
+}
+
 }  // namespace
 
 extern "C" {
@@ -268,6 +292,37 @@ int attn_backward(const float* qkv, const float* y, const float* lse, const floa
         case 32: return backward_all<32>(m, qkv, y, lse, gy, gqkv);
         case 64: return backward_all<64>(m, qkv, y, lse, gy, gqkv);
         default: return 1;
+    }
+}
+
+void gelu_forward(const float* x, float* y, float* sig, long n) {
+    long i = 0;
+    for (; i + W <= n; i += W) {
+        vf v = load(x + i), sv = gelu_s(v);
+        store(y + i, v * sv);
+        store(sig + i, sv);
+    }
+    if (i < n) {  // the tail through full vectors
+        float a[W] = {}, b[W], c[W];
+        memcpy(a, x + i, (n - i) * sizeof(float));
+        vf v = load(a), sv = gelu_s(v);
+        store(b, v * sv);
+        store(c, sv);
+        memcpy(y + i, b, (n - i) * sizeof(float));
+        memcpy(sig + i, c, (n - i) * sizeof(float));
+    }
+}
+
+void gelu_backward(const float* x, const float* sig, const float* gy, float* gx, long n) {
+    long i = 0;
+    for (; i + W <= n; i += W) store(gx + i, gelu_grad_v(load(x + i), load(sig + i), load(gy + i)));
+    if (i < n) {
+        float a[W] = {}, c[W] = {}, g[W] = {}, b[W];
+        memcpy(a, x + i, (n - i) * sizeof(float));
+        memcpy(c, sig + i, (n - i) * sizeof(float));
+        memcpy(g, gy + i, (n - i) * sizeof(float));
+        store(b, gelu_grad_v(load(a), load(c), load(g)));
+        memcpy(gx + i, b, (n - i) * sizeof(float));
     }
 }
 }

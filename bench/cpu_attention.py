@@ -1,11 +1,13 @@
-"""Lever experiment: a hand-written CPU kernel for the model's causal attention (bench/attention_kernel.cpp).
+"""Lever experiment: a hand-written CPU kernel for the model's causal attention (bench/attention_kernel.cpp), and
+one for its GELU.
 
 Same function as `F.scaled_dot_product_attention` (float32 rounding apart), for heads of 16, 32 or 64 dims:
 forward and backward of one batch item at a time in L2, vector loops over keys (16 floats wide with AVX-512,
 8 with AVX2), the flash-attention backward from the saved log-sum-exp. It reads the fused q/k/v projection as it
 is and writes the (B, T, C) layout c_proj reads, so no transposes. Built on first use with the system C++ compiler
 (g++, -O3 -march=native) into ~/.cache/iclmix-bench, loaded with ctypes, and registered as a torch custom op so
-that torch.compile keeps it in one graph. docs/performance.md ("Levers") has the figures.
+that torch.compile keeps it in one graph. The GELU is GPT-2's tanh form (icl_core.model.gelu_tanh) in one
+vector pass forward and one backward. docs/performance.md ("Levers") has the figures.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from icl_core.model import CausalSelfAttention, ICLTransformer
+from icl_core.model import MLP, CausalSelfAttention, ICLTransformer, gelu_tanh
 
 SOURCE = Path(__file__).with_name("attention_kernel.cpp")
 HEAD_DIMS = (16, 32, 64)
@@ -47,6 +49,9 @@ def library() -> ctypes.CDLL:
     n, p = ctypes.c_long, ctypes.c_void_p
     lib.attn_forward.argtypes = [p, p, p, n, n, n, n, n, n]
     lib.attn_backward.argtypes = [p, p, p, p, p, n, n, n, n, n, n]
+    lib.gelu_forward.argtypes = [p, p, p, n]
+    lib.gelu_backward.argtypes = [p, p, p, p, n]
+    lib.gelu_forward.restype = lib.gelu_backward.restype = None
     return lib
 
 
@@ -114,6 +119,51 @@ def _backward(ctx, gy: Tensor, _glse: Tensor):
 causal_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("iclmix_bench::gelu", mutates_args=())
+def gelu(x: Tensor) -> tuple[Tensor, Tensor]:
+    """GPT-2's tanh-GELU of a float32 CPU tensor in one pass, and sigmoid(2u) for its backward."""
+    x = x.contiguous()
+    y, s = torch.empty_like(x), torch.empty_like(x)
+    library().gelu_forward(x.data_ptr(), y.data_ptr(), s.data_ptr(), x.numel())
+    return y, s
+
+
+@gelu.register_fake
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("iclmix_bench::gelu_backward", mutates_args=())
+def gelu_backward(x: Tensor, s: Tensor, gy: Tensor) -> Tensor:
+    x, s, gy = x.contiguous(), s.contiguous(), gy.contiguous()
+    gx = torch.empty_like(x)
+    library().gelu_backward(x.data_ptr(), s.data_ptr(), gy.data_ptr(), gx.data_ptr(), x.numel())
+    return gx
+
+
+@gelu_backward.register_fake
+def _(x: Tensor, s: Tensor, gy: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _gelu_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+gelu.register_autograd(lambda ctx, gy, _gs: (gelu_backward(*ctx.saved_tensors, gy),),
+                       setup_context=_gelu_setup_context)
+
+
+class KernelMLP(MLP):
+    """MLP with the kernel GELU on float32 CPU tensors (the model's gelu_tanh elsewhere)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.c_fc(x)
+        if h.device.type != "cpu" or h.dtype != torch.float32:
+            return self.c_proj(gelu_tanh(h))
+        return self.c_proj(gelu(h)[0])
+
+
 class KernelAttention(CausalSelfAttention):
     """CausalSelfAttention with the kernel in place of SDPA on float32 CPU tensors (SDPA elsewhere)."""
 
@@ -125,8 +175,12 @@ class KernelAttention(CausalSelfAttention):
         return self.c_proj(y)
 
 
-def use_kernel(model: ICLTransformer) -> ICLTransformer:
-    """Swap every block's attention for KernelAttention in place (same weights, same function)."""
+def use_kernel(model: ICLTransformer, attention: bool = True, mlp: bool = False) -> ICLTransformer:
+    """Swap every block's attention for KernelAttention and/or its MLP for KernelMLP, in place (same weights, same
+    function)."""
     for block in model.blocks:
-        block.attn.__class__ = KernelAttention
+        if attention:
+            block.attn.__class__ = KernelAttention
+        if mlp:
+            block.mlp.__class__ = KernelMLP
     return model

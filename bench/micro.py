@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -65,6 +67,10 @@ def gelu(reps: int) -> dict:
         "sigmoid form, SigmoidGELU (ours on CPU)": SigmoidGELU.apply,
         "tanh, torch.compile": compiled,
     }
+    if shutil.which(os.environ.get("CXX", "g++")):
+        from .cpu_attention import gelu as gelu_kernel
+
+        variants["tanh, one-pass C++ kernel (lever)"] = lambda t: gelu_kernel(t)[0]
     # the MLP hidden width at small and paper size
     return {f"{BT}x{width}": gelu_row(width, variants, reps) for width in (256, 1024)}
 

@@ -163,7 +163,8 @@ def ours(
     Levers: `compile` (torch.compile the model), `optimizer` ("default", or Adam with "foreach", "fused" or
     "loop"), `grad_clip` (None = TrainConfig's default), `data` ("fresh" or "preallocated"), `gelu` (None = the
     model's; "erf" = exact GELU, an experiment: not GPT-2's function; "aten" = ATen's tanh-GELU kernel, the CPU default
-    before SigmoidGELU), `full_last_layer` (see FullLastLayer),
+    before SigmoidGELU; "kernel" = bench/cpu_attention.py's one-pass C++ GELU, the same function),
+    `full_last_layer` (see FullLastLayer),
     `attention` ("sdpa", or "kernel": bench/cpu_attention.py's hand-written kernel), `batch_threads`
     (`train.batch_threads`: the batch split over this many single-threaded threads, icl_core.threaded_step),
     `batch_processes` (the same split over processes, bench/process_step.py; with `compile`, each compiles).
@@ -171,10 +172,10 @@ def ours(
     tc = TrainConfig()
     torch.manual_seed(seed)
     model = (FullLastLayer if full_last_layer else ICLTransformer)(cfg)
-    if attention == "kernel":
+    if attention == "kernel" or gelu == "kernel":
         from .cpu_attention import use_kernel
 
-        use_kernel(model)
+        use_kernel(model, attention=attention == "kernel", mlp=gelu == "kernel")
     if gelu in ("erf", "aten"):
         approximate = "none" if gelu == "erf" else "tanh"
         for block in model.blocks:
@@ -402,15 +403,18 @@ LEVERS: dict[str, dict] = {
     "batch_threads_2_aten_gelu": {"batch_threads": 2, "gelu": "aten"},
     "batch_threads_2_foreach_adam": {"batch_threads": 2, "optimizer": "foreach"},
     "batch_threads_2_attention_kernel": {"batch_threads": 2, "attention": "kernel"},
+    "gelu_kernel": {"gelu": "kernel"},
+    "attention_gelu_kernels": {"attention": "kernel", "gelu": "kernel"},
+    "batch_threads_2_attention_gelu_kernels": {"batch_threads": 2, "attention": "kernel", "gelu": "kernel"},
     "batch_processes_2": {"batch_processes": 2},
     "batch_processes_2_compiled": {"batch_processes": 2, "compile": True},
 }
 
 
 def available_levers() -> list[str]:
-    """Every lever this machine can run: the attention kernel's need a C++ compiler to build it."""
+    """Every lever this machine can run: the kernel levers (attention, GELU) need a C++ compiler to build them."""
     has_cxx = shutil.which(os.environ.get("CXX", "g++")) is not None
-    return [n for n, opts in LEVERS.items() if has_cxx or opts.get("attention") != "kernel"]
+    return [n for n, opts in LEVERS.items() if has_cxx or "kernel" not in (opts.get("attention"), opts.get("gelu"))]
 # Thread count is not a lever to switch inside one process (libgomp's spinning workers and the pool resize
 # make a 2-thread contender there slower than in its own process): compare `--threads 1` and `--threads 2` runs.
 

@@ -178,13 +178,13 @@ def test_gemm_floor_replays_the_matrix_multiplies_of_our_step():
     floor.step()  # replays on random data of the same layouts
 
 
-def _with_kernel_twin(cfg: ModelConfig) -> tuple[ICLTransformer, ICLTransformer]:
-    """A model and a copy of it (same weights) whose attention is the kernel lever."""
+def _with_kernel_twin(cfg: ModelConfig, mlp: bool = False) -> tuple[ICLTransformer, ICLTransformer]:
+    """A model and a copy of it (same weights) whose attention (and, with `mlp`, GELU) is the kernel lever."""
     from bench.cpu_attention import use_kernel
 
     ours, lever = ICLTransformer(cfg), ICLTransformer(cfg)
     lever.load_state_dict(ours.state_dict())
-    return ours, use_kernel(lever)
+    return ours, use_kernel(lever, mlp=mlp)
 
 
 def _assert_same_gradients(ours: ICLTransformer, lever: ICLTransformer) -> None:
@@ -221,12 +221,14 @@ def test_attention_kernel_lever_matches_sdpa_forward_and_backward(n_head):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the attention kernel is built with g++")
-def test_attention_kernel_lever_gives_sdpa_gradients_on_two_shard_threads():
-    """`batch_threads_2_attention_kernel`: the kernel runs on both shard threads at once, with SDPA's gradients."""
+@pytest.mark.parametrize("mlp", [False, True])
+def test_attention_kernel_lever_gives_sdpa_gradients_on_two_shard_threads(mlp):
+    """`batch_threads_2_attention_kernel` (and `..._attention_gelu_kernels`): the kernels run on both shard threads at
+    once, with SDPA's (and SigmoidGELU's) gradients."""
     from icl_core.threaded_step import ThreadedStep, single_threaded_ops
 
     torch.manual_seed(0)
-    sdpa, kernel = _with_kernel_twin(ModelConfig(dim=5, max_points=11, n_layer=2, n_head=2, n_embd=32))
+    sdpa, kernel = _with_kernel_twin(ModelConfig(dim=5, max_points=11, n_layer=2, n_head=2, n_embd=32), mlp)
     xs, ys = torch.randn(8, 11, 5), torch.randn(8, 11)
     losses = []
     for model in (sdpa, kernel):
@@ -236,6 +238,26 @@ def test_attention_kernel_lever_gives_sdpa_gradients_on_two_shard_threads():
         step.close()
     assert losses[1] == pytest.approx(losses[0], abs=1e-6)
     _assert_same_gradients(sdpa, kernel)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the GELU kernel is built with g++")
+@pytest.mark.parametrize("n", [1, 7, 8, 17, 4099])  # whole vectors and tails, for 8- and 16-float vectors
+def test_gelu_kernel_is_gpt2_tanh_gelu_forward_and_backward(n):
+    import torch.nn.functional as F
+
+    from bench.cpu_attention import gelu
+
+    x = torch.randn(n, dtype=torch.float64) * 4
+    x[: min(n, 5)] = torch.tensor([0.0, 30.0, -30.0, 1e20, -1e20])[: min(n, 5)]  # s exactly 0 or 1; huge x^3
+    g = torch.randn(n, dtype=torch.float64)
+    x32, x64 = x.float().requires_grad_(), x.clone().requires_grad_()
+    y, _ = gelu(x32)
+    want = F.gelu(x64, approximate="tanh")
+    assert torch.allclose(y.double(), want, atol=2e-6, rtol=1e-6)
+    y.backward(g.float())
+    want.backward(g)
+    assert torch.isfinite(x32.grad).all()
+    assert torch.allclose(x32.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bounds", [(0, 21), (0, 11, 21), (0, 7, 14, 21)])
