@@ -144,6 +144,22 @@ class FullLastLayer(ICLTransformer):
         return self.read_out(self.ln_f(h[:, ::2])).squeeze(-1)
 
 
+def build_model(cfg: ModelConfig, full_last_layer: bool = False, attention: str = "sdpa",
+                gelu: str | None = None) -> ICLTransformer:
+    """A fresh model with the kernel levers applied (module level, so shard processes can rebuild it)."""
+    model = (FullLastLayer if full_last_layer else ICLTransformer)(cfg)
+    if attention == "kernel" or gelu == "kernel":
+        from .cpu_attention import use_kernel
+
+        use_kernel(model, attention=attention == "kernel", mlp=gelu == "kernel")
+    if gelu in ("erf", "aten"):
+        approximate = "none" if gelu == "erf" else "tanh"
+        for block in model.blocks:
+            mlp = block.mlp
+            mlp.forward = lambda x, m=mlp: m.c_proj(F.gelu(m.c_fc(x), approximate=approximate))
+    return model
+
+
 def ours(
     cfg: ModelConfig,
     *,
@@ -171,16 +187,7 @@ def ours(
     """
     tc = TrainConfig()
     torch.manual_seed(seed)
-    model = (FullLastLayer if full_last_layer else ICLTransformer)(cfg)
-    if attention == "kernel" or gelu == "kernel":
-        from .cpu_attention import use_kernel
-
-        use_kernel(model, attention=attention == "kernel", mlp=gelu == "kernel")
-    if gelu in ("erf", "aten"):
-        approximate = "none" if gelu == "erf" else "tanh"
-        for block in model.blocks:
-            mlp = block.mlp
-            mlp.forward = lambda x, m=mlp: m.c_proj(F.gelu(m.c_fc(x), approximate=approximate))
+    model = build_model(cfg, full_last_layer, attention, gelu)
     if optimizer == "default":
         opt = build_optimizer(model, tc, torch.device("cpu"))
     else:
@@ -190,8 +197,9 @@ def ours(
     if batch_processes > 1:
         from .process_step import ProcessStep
 
+        build = functools.partial(build_model, cfg, full_last_layer, attention, gelu)
         processes = ProcessStep(model, opt, tc.grad_clip if grad_clip is None else grad_clip, batch_processes,
-                                functools.partial(ICLTransformer, cfg), BATCH, POINTS, DIM, compile=compile)
+                                build, BATCH, POINTS, DIM, compile=compile)
 
         def step() -> float:
             with single_threaded_ops():
@@ -408,6 +416,9 @@ LEVERS: dict[str, dict] = {
     "batch_threads_2_attention_gelu_kernels": {"batch_threads": 2, "attention": "kernel", "gelu": "kernel"},
     "batch_processes_2": {"batch_processes": 2},
     "batch_processes_2_compiled": {"batch_processes": 2, "compile": True},
+    "compile_attention_gelu_kernels": {"compile": True, "attention": "kernel", "gelu": "kernel"},
+    "batch_processes_2_compiled_kernels": {"batch_processes": 2, "compile": True, "attention": "kernel",
+                                           "gelu": "kernel"},
 }
 
 

@@ -338,3 +338,42 @@ def test_process_shard_lever_trains_bit_identically_to_shard_threads():
     finally:
         by_threads.close()
         by_processes.close()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the kernels are built with g++")
+def test_process_shard_lever_runs_the_kernel_levers_in_its_shard_processes():
+    """The shard processes rebuild the model through bench.train_speed.build_model, kernels included: the step
+    equals the two-thread step with both kernels bit for bit, which it would not if a shard ran SDPA."""
+    import functools
+
+    from bench.process_step import ProcessStep
+    from bench.train_speed import build_model
+    from icl_core.config import TrainConfig
+    from icl_core.families import Linear, sample_prompts
+    from icl_core.threaded_step import ThreadedStep, single_threaded_ops
+    from icl_core.train import build_optimizer
+
+    cfg, tc = ModelConfig(dim=5, max_points=11, n_layer=2, n_head=2, n_embd=32), TrainConfig()
+    build = functools.partial(build_model, cfg, False, "kernel", "kernel")
+    torch.manual_seed(0)
+    threads, processes, sdpa = build(), build(), ICLTransformer(cfg)
+    processes.load_state_dict(threads.state_dict())
+    sdpa.load_state_dict(threads.state_dict())
+    opts = [build_optimizer(m, tc, torch.device("cpu")) for m in (threads, processes, sdpa)]
+    by_threads, by_sdpa = ThreadedStep(threads, opts[0], 1.0, 2), ThreadedStep(sdpa, opts[2], 1.0, 2)
+    by_processes = ProcessStep(processes, opts[1], 1.0, 2, build, 8, 11, 5)
+    gen = torch.Generator().manual_seed(1)
+    try:
+        with single_threaded_ops():
+            for _ in range(3):
+                xs, ys = sample_prompts(Linear(), 8, 11, 5, gen)
+                assert by_threads(xs, ys).item() == by_processes(xs, ys).item()
+                by_sdpa(xs, ys)
+        for (name, p), q in zip(threads.named_parameters(), processes.parameters()):
+            assert torch.equal(p, q), name
+        # The comparison can tell the kernels from SDPA: the SDPA model's weights differ in rounding.
+        assert any(not torch.equal(p, q) for p, q in zip(threads.parameters(), sdpa.parameters()))
+    finally:
+        by_threads.close()
+        by_sdpa.close()
+        by_processes.close()
