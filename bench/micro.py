@@ -3,7 +3,7 @@
 GELU variants, attention implementations and the GEMM shapes of a paper-size step, the cost of drawing
 one batch of prompts, and the optimizer step. Each figure is the median of `reps` timings after a warm-up.
 
-    python -m bench.micro [--reps 7] [--parts gelu_ms attention_ms attention_chunks_ms
+    python -m bench.micro [--reps 7] [--parts gelu_ms attention_ms attention_chunks_ms attention_compiled_ms
         gemm_gflops prompts optimizer_ms] [--json OUT]
 """
 
@@ -245,6 +245,64 @@ def attention_chunks(reps: int) -> dict:
             for h, hd in ((4, 16), (8, 32))}
 
 
+def explicit_on_fused(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """The model's attention written out (scores, causal mask, softmax, weighted values) for inductor to fuse."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (t.view(B, T, heads, C // heads).transpose(1, 2) for t in qkv.split(C, dim=2))
+    s = (q @ k.transpose(-2, -1)) * (C // heads) ** -0.5
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=qkv.device).tril(), float("-inf"))
+    return (s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+
+
+def flex_backward_on_cpu() -> str:
+    """Whether FlexAttention, whose compiled CPU forward skips masked blocks, can train on CPU in this torch."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    q = torch.randn(1, 1, 81, 16, requires_grad=True)
+    mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, 81, 81, device="cpu")
+    try:
+        torch.compile(flex_attention)(q, q, q, block_mask=mask).sum().backward()
+    except NotImplementedError as e:
+        return f"no: {e}"
+    return "yes"
+
+
+def attention_compiled_row(B: int, heads: int, hd: int, reps: int) -> dict:
+    T, C = 81, heads * hd
+    qkv = torch.randn(B, T, 3 * C, requires_grad=True)
+    g = torch.randn(B, T, C)
+    variants = {
+        "sdpa causal (ours)": lambda: sdpa_on_fused(qkv, heads),
+        "explicit, eager": lambda: explicit_on_fused(qkv, heads),
+        "explicit, torch.compile": torch.compile(lambda: explicit_on_fused(qkv, heads)),
+        "explicit, torch.compile max-autotune (CPP GEMM template)": torch.compile(
+            lambda: explicit_on_fused(qkv, heads),
+            options={"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}),
+    }
+    ref = sdpa_on_fused(qkv, heads)
+    row = {}
+    for name, fn in variants.items():
+        torch.testing.assert_close(fn(), ref, atol=1e-5, rtol=1e-5)
+
+        def fwd_bwd(fn=fn):
+            qkv.grad = None
+            fn().backward(g)
+
+        row[name] = ms(fwd_bwd, reps)
+    return row
+
+
+def attention_compiled(reps: int) -> dict:
+    """Can inductor stand in for the C++ attention kernel? Forward + backward on one `batch_threads: 2` shard
+    (32 prompts, T = 81), from the fused q/k/v to the (B, T, C) output: SDPA against the attention written out
+    and compiled, and whether FlexAttention trains on CPU at all."""
+    out: dict = {f"B=32 H={h} T=81 hd={hd}, fwd+bwd ms": attention_compiled_row(32, h, hd, reps)
+                 for h, hd in ((4, 16), (8, 32))}
+    out["flex_attention backward on CPU"] = flex_backward_on_cpu()
+    return out
+
+
 def gemms(reps: int) -> dict:
     """GFLOP/s of the matmuls in a paper-size step (forward, input grad, weight grad), and a 1024^3 square."""
     shapes = {
@@ -293,7 +351,8 @@ def optimizer(reps: int) -> dict:
 
 
 PARTS = {"gelu_ms": gelu, "attention_ms": attention, "attention_chunks_ms": attention_chunks,
-         "gemm_gflops": gemms, "prompts": prompts, "optimizer_ms": optimizer}
+         "attention_compiled_ms": attention_compiled, "gemm_gflops": gemms, "prompts": prompts,
+         "optimizer_ms": optimizer}
 
 
 def main(argv: list[str] | None = None) -> int:
