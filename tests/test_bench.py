@@ -280,6 +280,19 @@ def test_chunked_attention_experiment_is_causal_attention_forward_and_backward(b
     torch.testing.assert_close(ChunkedCausalAttention.apply(moved, 2, bounds)[:, :15], got.detach()[:, :15])
 
 
+def test_written_out_attention_experiment_is_causal_attention_forward_and_backward():
+    """The attention `bench.micro --parts attention_compiled_ms` hands to inductor computes what SDPA does."""
+    from bench.micro import explicit_on_fused, sdpa_on_fused
+
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 21, 96, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 21, 32, dtype=torch.float64)
+    want = sdpa_on_fused(qkv, 2)
+    got = explicit_on_fused(qkv, 2)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(got, qkv, g)[0], torch.autograd.grad(want, qkv, g)[0],
+                               atol=1e-12, rtol=1e-10)
+
 def test_solo_runs_each_contender_in_its_own_process_at_its_thread_count():
     pytest.importorskip("transformers")
     from bench import train_speed
