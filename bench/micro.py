@@ -223,10 +223,16 @@ def attention_chunks_row(B: int, heads: int, hd: int, reps: int) -> dict:
     }
     for bounds in ((0, 81), (0, 41, 81), (0, 27, 54, 81), (0, 21, 41, 61, 81)):
         variants[f"explicit, {len(bounds) - 1} chunk(s)"] = lambda b=bounds: ChunkedCausalAttention.apply(qkv, heads, b)
+    return time_on_fused(qkv, heads, g, variants, reps, unchecked=(no_mask,))
+
+
+def time_on_fused(qkv: torch.Tensor, heads: int, g: torch.Tensor, variants: dict[str, Callable[[], torch.Tensor]],
+                  reps: int, unchecked: tuple = ()) -> dict:
+    """Forward + backward ms of each attention variant on `qkv`, each but `unchecked` first checked against SDPA."""
     ref = sdpa_on_fused(qkv, heads)
     row = {}
     for name, fn in variants.items():
-        if fn is not no_mask:  # every other variant is the same function
+        if fn not in unchecked:
             torch.testing.assert_close(fn(), ref, atol=1e-5, rtol=1e-5)
 
         def fwd_bwd(fn=fn):
@@ -280,17 +286,7 @@ def attention_compiled_row(B: int, heads: int, hd: int, reps: int) -> dict:
             lambda: explicit_on_fused(qkv, heads),
             options={"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}),
     }
-    ref = sdpa_on_fused(qkv, heads)
-    row = {}
-    for name, fn in variants.items():
-        torch.testing.assert_close(fn(), ref, atol=1e-5, rtol=1e-5)
-
-        def fwd_bwd(fn=fn):
-            qkv.grad = None
-            fn().backward(g)
-
-        row[name] = ms(fwd_bwd, reps)
-    return row
+    return time_on_fused(qkv, heads, g, variants, reps)
 
 
 def attention_compiled(reps: int) -> dict:
