@@ -98,6 +98,8 @@ class ModelConfigSpec(_Strict):
     n_layer: int = Field(12, ge=1)
     n_head: int = Field(8, ge=1)
     n_embd: int = Field(256, ge=1)
+    # Garg et al.'s tokens, or y in its own input channel (icl_core.model's docstring; docs/reproduction.md)
+    layout: Literal["garg", "y_channel"] = "garg"
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfigSpec:
@@ -321,7 +323,9 @@ def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfi
 
 # Fields added after sweeps had run, hashed only away from their default: the trials of those sweeps keep
 # their hashes, so a new `sweep run` still finds them finished.
-HASHED_ONLY_WHEN_SET: dict[tuple[str, str], Any] = {("train", "cuda_graph"): False, ("train", "batch_threads"): 1}
+HASHED_ONLY_WHEN_SET: dict[tuple[str, str], Any] = {
+    ("train", "cuda_graph"): False, ("train", "batch_threads"): 1, ("model", "layout"): "garg",
+}
 
 
 def canonical_json(data: Any) -> str:

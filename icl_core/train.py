@@ -74,6 +74,7 @@ def model_config(cfg: RunConfig) -> ModelConfig:
         n_layer=cfg.model.n_layer,
         n_head=cfg.model.n_head,
         n_embd=cfg.model.n_embd,
+        layout=cfg.model.layout,
     )
 
 

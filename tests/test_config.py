@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 from icl_core.config import ConfigError, load_run_config, validate_run_config
+from sweeps.spec import load_sweep
 
 
 def base() -> dict:
@@ -121,3 +123,15 @@ def test_cli_missing_file_and_malformed_yaml(tmp_path):
     r = run_cli("train", bad, "--out", tmp_path / "run", "--set", "nodots")
     assert r.returncode == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_token_layout_is_hashed_only_away_from_gargs():
+    a = validate_run_config(base())
+    garg = validate_run_config({**base(), "model": {**base()["model"], "layout": "garg"}})
+    y_channel = validate_run_config({**base(), "model": {**base()["model"], "layout": "y_channel"}})
+    assert garg.config_hash == a.config_hash != y_channel.config_hash
+    # Trials of sweeps run before the option existed keep their hashes, so `sweep run` still finds them finished.
+    ran = set(pd.read_csv(ROOT / "tests" / "fixtures" / "linear_sine_cpu.csv.gz")["config_hash"])
+    assert {t.hash for t in load_sweep(ROOT / "sweeps" / "linear_sine_cpu.yaml")[1]} == ran
+    with pytest.raises(ConfigError, match="model.layout"):
+        validate_run_config({**base(), "model": {**base()["model"], "layout": "x_channel"}})

@@ -32,10 +32,22 @@ def test_predictions_at_i_ignore_everything_after_x_i():
 def test_token_layout_is_x_then_padded_y():
     xs = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
     ys = torch.tensor([[100.0, 101.0, 102.0], [200.0, 201.0, 202.0]])
-    tokens = ICLTransformer.interleave(xs, ys)
+    tokens = small_model(dim=4).interleave(xs, ys)
     assert tokens.shape == (2, 5, 4)
     assert torch.equal(tokens[:, 0], xs[:, 0]) and torch.equal(tokens[:, 2], xs[:, 1])
     assert torch.equal(tokens[:, 1], torch.stack([ys[:, 0], *[torch.zeros(2)] * 3], dim=1))
+
+
+def test_y_channel_layout_gives_y_its_own_coordinate():
+    xs = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4) + 1
+    ys = torch.tensor([[100.0, 101.0, 102.0], [200.0, 201.0, 202.0]])
+    model = small_model(dim=4, layout="y_channel")
+    tokens = model.interleave(xs, ys)
+    assert tokens.shape == (2, 5, 5) and model.read_in.in_features == 5
+    assert torch.equal(tokens[:, 0, 1:], xs[:, 0]) and torch.equal(tokens[:, 4, 1:], xs[:, 2])
+    assert torch.equal(tokens[:, ::2, 0], torch.zeros(2, 3))  # x tokens leave y's channel empty
+    assert torch.equal(tokens[:, 1], torch.stack([ys[:, 0], *[torch.zeros(2)] * 4], dim=1))
+    assert model.predict(xs, ys).shape == (2, 3)
 
 
 def test_every_parameter_receives_gradient():
