@@ -32,6 +32,7 @@ bench: setup
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench
 	$(PY) -m bench.sweep_overhead
+	$(PY) -m bench.time_to_icl
 
 # The four CPU-scale reproductions of docs/reproduction.md (about 1.5 h on 2 cores; rerun to resume).
 reproduce: setup
