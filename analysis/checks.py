@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from icl_core.config import ConfigError
-from sweeps.findings import Check, ConvexCombination, FrequencyExtremes, Interpolation, ModelSelection
+from sweeps.findings import Check, ConvexCombination, Coverage, FrequencyExtremes, Interpolation, ModelSelection
 
 from .maps import select_best
 
@@ -218,11 +218,48 @@ def check_frequency_extremes(frame: pd.DataFrame, c: FrequencyExtremes) -> Check
     return CheckResult("frequency_extremes", claim, ok, lines, table)
 
 
+# ---------------------------------------------------------------- the coverage map (the quickstart)
+
+
+def check_coverage(frame: pd.DataFrame, c: Coverage) -> CheckResult:
+    rows = _finished(frame)
+    _need(rows, c.reference, "checks.reference")
+    tasks = [str(t) for t in pd.unique(rows["task"].astype(str))]
+    missing = [t for t in c.outside if t not in tasks]
+    if missing:
+        raise ConfigError("checks.outside", f"no eval task {missing[0]} in this sweep (have: {', '.join(tasks)})")
+    table = []
+    for (mixture, task), sub in rows.groupby([rows["mixture"].astype(str), rows["task"].astype(str)], sort=False):
+        inside = bool(sub["in_support"].all())
+        if task in c.outside and inside:
+            raise ConfigError("checks.outside", f"{task} is inside the support of {mixture}")
+        if not inside and task not in c.outside:
+            continue  # out of support but not a held-out task (e.g. sparse prompts for a dense-only model)
+        excess = _level(sub, "model") - _level(sub, c.reference)
+        ok = excess <= c.max_excess if inside else excess >= c.outside_min_excess
+        table.append({"mixture": mixture, "task": task, "in_support": inside, "excess": excess,
+                      "seeds": _n_seeds(sub), "ok": bool(ok)})
+    t = pd.DataFrame(table)
+    lines = []
+    for inside, limit, sign in ((True, c.max_excess, "<="), (False, c.outside_min_excess, ">=")):
+        part = t[t["in_support"] == inside]
+        worst = part.loc[part["excess"].idxmax() if inside else part["excess"].idxmin()]
+        where = "inside the support" if inside else "outside every mixture"
+        bad = part[~part["ok"]]
+        lines.append(f"{where}: {len(part)} cells, excess {part['excess'].min():.4f} … {part['excess'].max():.4f}; "
+                     f"worst {worst['task']} pretrained on {worst['mixture']}: {worst['excess']:.4f} "
+                     f"({'all' if bad.empty else f'{len(bad)} not'} {sign} {limit:g})")
+    claim = (f"the model's excess over {c.reference} (mean over k >= 1) is <= {c.max_excess:g} on every task "
+             f"inside its pretraining support and >= {c.outside_min_excess:g} on {', '.join(c.outside)}")
+    return CheckResult("coverage", claim, bool(t["ok"].all()), lines, t)
+
+
 CHECKS = {
     ModelSelection: check_model_selection,
     Interpolation: check_interpolation,
     ConvexCombination: check_convex_combination,
     FrequencyExtremes: check_frequency_extremes,
+    Coverage: check_coverage,
 }
 
 

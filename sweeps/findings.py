@@ -82,13 +82,26 @@ class FrequencyExtremes(_Check):
     min_ratio: float = Field(3.0, gt=0)
 
 
+class Coverage(_Check):
+    """The coverage map shows models that learned: for every pretraining mixture, the model's excess error over
+    `reference` (mean over k >= 1 and seeds) is at most `max_excess` on each eval task inside the mixture's
+    support, and at least `outside_min_excess` on each task in `outside` (tasks outside every mixture)."""
+
+    finding: Literal["coverage"]
+    reference: str = "bayes_task"
+    max_excess: float = Field(0.1, ge=0)
+    outside: list[str] = Field(min_length=1)
+    outside_min_excess: float = Field(0.2, ge=0)
+
+
 FINDINGS: dict[str, type[_Check]] = {
     "model_selection": ModelSelection,
     "interpolation": Interpolation,
     "convex_combination": ConvexCombination,
     "frequency_extremes": FrequencyExtremes,
+    "coverage": Coverage,
 }
-Check = ModelSelection | Interpolation | ConvexCombination | FrequencyExtremes
+Check = ModelSelection | Interpolation | ConvexCombination | FrequencyExtremes | Coverage
 
 
 class CheckError(ValueError):

@@ -255,7 +255,19 @@ def validate_sweep(data: Any, source: str = "sweep") -> SweepSpec:
 def load_sweep(path: str | Path) -> tuple[SweepSpec, list[Trial]]:
     """Read, validate and expand a sweep file; every error is a one-line ConfigError naming the field."""
     spec = validate_sweep(read_yaml(path), str(path))
-    return spec, expand(spec)
+    trials = expand(spec)
+    _check_outside_tasks(spec, trials)
+    return spec, trials
+
+
+def _check_outside_tasks(spec: SweepSpec, trials: list[Trial]) -> None:
+    """A coverage check's `outside` tasks must be eval tasks of the sweep (a typo would only fail after it ran)."""
+    outside = spec.checks.get("outside") if spec.checks.get("finding") == "coverage" else None
+    tasks = {f.canonical_id for t in trials for f in t.config.eval_tasks()}
+    for i, task in enumerate(outside or []):
+        if task not in tasks:
+            raise ConfigError(f"checks.outside[{i}]", f"{task!r} is not an eval task of this sweep "
+                              f"(have: {', '.join(sorted(tasks))})")
 
 
 def trial_count(spec: SweepSpec, trials: list[Trial]) -> int:

@@ -87,6 +87,12 @@ BAD = [
                    "rel_tol": -0.1}), "checks.rel_tol"),
     (sweep(checks={"finding": "interpolation", "test_nnz": [2, 3]}), "checks.mixture"),
     (sweep(checks={"finding": "frequency_extremes", "mixture": "m", "min_ratoi": 3}), "checks.min_ratoi"),
+    (sweep(checks={"finding": "coverage", "outside": ["sine(freq_lo=1.0,freq_hi=1.0)"]}), "checks.outside[0]"),
+    (sweep(checks={"finding": "coverage", "outside": []}), "checks.outside"),
+    (sweep(checks={"finding": "coverage", "outside": ["linear"], "max_excess": -1}), "checks.max_excess"),
+    # Unquoted in a YAML flow list, a family id splits at its commas: named, not run and then failed.
+    ("name: t\nbase: {data: {dim: 2}, eval: {tasks: [{family: sine, freq_lo: 1.0, freq_hi: 1.0}]}}\n"
+     "checks: {finding: coverage, outside: [sine(freq_lo=1.0,freq_hi=1.0)]}\n", "checks.outside[0]"),
     ("name: t\nbase: {data: {dim: 5\n", "sweep.yaml"),
 ]
 
