@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import ROOT
 
 from analysis.checks import run_check
@@ -20,11 +21,12 @@ from sweeps.findings import validate_checks
 from sweeps.spec import load_sweep
 
 FIXTURES = ROOT / "tests" / "fixtures"
-VERDICTS = {  # as reported in docs/reproduction.md
+VERDICTS = {  # as reported in docs/reproduction.md (the quickstart: in the README, the end of `make demo`)
     "linear_sine_cpu": "PASS",
     "mixture_weights_cpu": "FAIL",  # the d = 5 models stayed on the ICL plateau (docs/reproduction.md)
     "sine_frequency_cpu": "PASS",
     "sparsity_coverage_cpu": "FAIL",  # likewise
+    "quickstart": "PASS",
 }
 
 
@@ -46,8 +48,11 @@ def test_cli_check_on_committed_results(name, capsys):
     assert len(out) >= 3  # the numbers behind the verdict
 
 
-def test_check_needs_a_checks_section(capsys):
-    rc = main(["analyze", "check", "--sweep", "linear_sine_cpu", "--file", str(ROOT / "sweeps" / "quickstart.yaml"),
+def test_check_needs_a_checks_section(capsys, tmp_path):
+    no_checks = tmp_path / "no_checks.yaml"
+    data = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())
+    no_checks.write_text(yaml.safe_dump({k: v for k, v in data.items() if k != "checks"}))
+    rc = main(["analyze", "check", "--sweep", "linear_sine_cpu", "--file", str(no_checks),
                "--frame", str(FIXTURES / "linear_sine_cpu.csv.gz")])
     assert rc == 2 and "checks" in capsys.readouterr().err
 
@@ -136,3 +141,30 @@ def test_frequency_extremes_numbers_and_thresholds():
     m = (flat["mixture"] == c.mixture) & (flat["estimator"] == "model") & ~flat["in_support"]
     flat.loc[m, "error"] = err[inside].mean()
     assert not run_check(flat, c).passed
+
+
+def test_coverage_numbers_and_thresholds():
+    f, c = frame("quickstart"), check_of("quickstart")
+    res = run_check(f, c)
+    rows = f[f["k"] >= 1].pivot_table(index=["mixture", "task", "in_support", "k"], columns="estimator",
+                                      values="error")
+    excess = (rows["model"] - rows[c.reference]).groupby(["mixture", "task", "in_support"]).mean().reset_index()
+    checked = excess[excess["in_support"] | excess["task"].isin(c.outside)]
+    got = res.table.set_index(["mixture", "task"])["excess"]
+    assert len(got) == len(checked) == 4 + 3  # 4 in-support cells (0.5: both, 0 and 1: one each), 3 sine cells
+    assert np.allclose(got.loc[list(zip(checked["mixture"], checked["task"], strict=True))], checked[0])
+    inside, outside = checked[checked["in_support"]][0], checked[~checked["in_support"]][0]
+    assert res.passed == bool(inside.max() <= c.max_excess and outside.min() >= c.outside_min_excess)
+    # Models 0.1 further from Bayes inside their support have not learned enough: FAIL.
+    worse = f.copy()
+    m = worse["in_support"] & (worse["estimator"] == "model") & (worse["k"] >= 1)
+    worse.loc[m, "error"] += 0.1
+    assert not run_check(worse, c).passed
+    # A sine the models fit as well as its Bayes predictor would not be outside their coverage: FAIL.
+    fit = f.copy()
+    sine = fit["task"].isin(c.outside)
+    best = fit[sine & (fit["estimator"] == c.reference)].set_index(["run_id", "task", "k"])["error"]
+    m = sine & (fit["estimator"] == "model")
+    fit.loc[m, "error"] = best.loc[list(zip(fit.loc[m, "run_id"], fit.loc[m, "task"], fit.loc[m, "k"],
+                                            strict=True))].to_numpy()
+    assert not run_check(fit, c).passed
