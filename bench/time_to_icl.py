@@ -253,6 +253,19 @@ def format_summary(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_final(runs: list[dict[str, Any]], recipe: str) -> str:
+    """The recipe's final error by k per task and family: the model against each baseline, medians over seeds."""
+    lines = []
+    for task in TASKS:
+        group = [r for r in runs if r["recipe"] == recipe and r["task"] == task]
+        for fam in (group[0]["final_by_k"] if group else {}):
+            lines.append(f"{recipe} on {task}, eval {fam}, final error by k = 0 … {POINTS - 1}:")
+            for est in ("model", *FINAL_ESTIMATORS):
+                by_k = [statistics.median(r["final_by_k"][fam][est][k] for r in group) for k in range(POINTS)]
+                lines.append(f"  {est:<11}" + " ".join(f"{v:6.3f}" for v in by_k))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.time_to_icl", description=__doc__.splitlines()[0])
     p.add_argument("--recipes", nargs="*", default=["adopted", "garg", "cosine_b64"])
@@ -266,7 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at once (a sweep runs one trial per core)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--json", default=str(RESULTS / "time-to-icl.json"))
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: print the tables of the --json file again, its derived figures recomputed")
     a = p.parse_args(argv)
+    if a.report:
+        res = json.loads(Path(a.json).read_text())
+        report(res)
+        Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
+        return 0
     chosen = recipes(a.recipes, a.variant)
     jobs = [(name, recipe, task, seed)
             for name, recipe in chosen.items()
@@ -285,17 +305,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i}/{len(jobs)}] {r['recipe']} {r['task']} seed {r['seed']}: {got}; "
                   f"final error k>=d {max(statistics.fmean(v['model'][DIM:]) for v in r['final_by_k'].values()):.4f} "
                   f"after {r['steps']} steps, {r['train_seconds']:.0f} s", flush=True)
-    summary = summarize(runs, a.max_seconds)
-    base = "adopted" if "adopted" in chosen else next(iter(chosen))
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python -m bench.time_to_icl " +
            " ".join(argv if argv is not None else sys.argv[1:]), "torch": torch.__version__,
            "jobs": a.jobs, "threads": a.threads, "max_seconds": a.max_seconds, "eval_every": a.eval_every,
-           "eval_prompts": EVAL_PROMPTS, "recipes": chosen, "summary": summary,
-           "ratios": ratios(summary, base, [n for n in chosen if n != base]),
-           "mixture_vs_specialists": mixture_vs_specialists(runs),
-           "seconds": round(time.time() - started, 1), "runs": sorted(runs, key=lambda r: (r["recipe"], r["task"],
-                                                                                           r["seed"]))}
-    print(format_summary(summary))
+           "eval_prompts": EVAL_PROMPTS, "recipes": chosen, "seconds": round(time.time() - started, 1),
+           "runs": sorted(runs, key=lambda r: (r["recipe"], r["task"], r["seed"]))}
+    report(res)
+    out = Path(a.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0 if all(not math.isnan(s["final_model_k_ge_d"]) for s in res["summary"]) else 1
+
+
+def report(res: dict[str, Any]) -> None:
+    """Derive the summary, ratios and mixture gaps from the runs into `res`, and print them."""
+    runs, names = res["runs"], list(res["recipes"])
+    base = "adopted" if "adopted" in names else names[0]
+    res["summary"] = summarize(runs, res["max_seconds"])
+    res["ratios"] = ratios(res["summary"], base, [n for n in names if n != base])
+    res["mixture_vs_specialists"] = mixture_vs_specialists(runs)
+    print(format_final(runs, base))
+    print(format_summary(res["summary"]))
     for r in res["ratios"]:
         print(f"{r['against']} / {r['recipe']} on {r['task']}, wall time to {r['threshold']}: "
               f"{'>=' if r['lower_bound'] else ''}{r['ratio']}x")
@@ -303,11 +334,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{g['recipe']}: 50/50 mixture on {g['family']} within max(0.02, 15 %) of its specialist at every k: "
               f"{'yes' if g['ok'] else 'no, over at k = ' + str(g['over_at_k'])}; worst k = {g['worst_k']}: "
               f"{g['mixture']:.4f} against {g['specialist']:.4f}")
-    out = Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {out}")
-    return 0 if all(not math.isnan(s["final_model_k_ge_d"]) for s in summary) else 1
 
 
 if __name__ == "__main__":

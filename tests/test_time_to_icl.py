@@ -67,6 +67,10 @@ def test_a_tiny_run_reports_curve_competence_and_final_errors_by_k(tmp_path):
     summary = {(s["recipe"], s["task"]): s for s in res["summary"]}
     assert summary[("tiny", "mixture")]["reached_0.05"] == 0
     assert summary[("garg", "dense")]["seconds_to_0.05"] >= 0.5
+    # --report trains nothing and derives the same tables from the saved runs.
+    assert tti.main(["--report", "--json", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["summary"] == res["summary"] and again["runs"] == res["runs"]
 
 
 def test_mixture_is_compared_with_each_specialist_at_every_k():
