@@ -243,8 +243,10 @@ def check_coverage(frame: pd.DataFrame, c: Coverage) -> CheckResult:
     lines = []
     for inside, limit, sign in ((True, c.max_excess, "<="), (False, c.outside_min_excess, ">=")):
         part = t[t["in_support"] == inside]
-        worst = part.loc[part["excess"].idxmax() if inside else part["excess"].idxmin()]
         where = "inside the support" if inside else "outside every mixture"
+        if part.empty:
+            raise ConfigError("checks", f"no finished trial has an eval task {where}")
+        worst = part.loc[part["excess"].idxmax() if inside else part["excess"].idxmin()]
         bad = part[~part["ok"]]
         lines.append(f"{where}: {len(part)} cells, excess {part['excess'].min():.4f} … {part['excess'].max():.4f}; "
                      f"worst {worst['task']} pretrained on {worst['mixture']}: {worst['excess']:.4f} "
