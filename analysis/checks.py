@@ -236,6 +236,9 @@ def check_coverage(frame: pd.DataFrame, c: Coverage) -> CheckResult:
         if not inside and task not in c.outside:
             continue  # out of support but not a held-out task (e.g. sparse prompts for a dense-only model)
         excess = _level(sub, "model") - _level(sub, c.reference)
+        if math.isnan(excess):
+            raise ConfigError("checks.reference",
+                              f"no model or {c.reference} errors for {task} pretrained on {mixture}")
         ok = excess <= c.max_excess if inside else excess >= c.outside_min_excess
         table.append({"mixture": mixture, "task": task, "in_support": inside, "excess": excess,
                       "seeds": _n_seeds(sub), "ok": bool(ok)})

@@ -24,6 +24,8 @@ class HFGPT2Learner(nn.Module):
         super().__init__()
         from transformers import GPT2Config, GPT2Model
 
+        if cfg.layout != "garg":
+            raise ValueError("the comparator is Garg et al.'s model: layout 'garg' only")
         self.cfg = cfg
         hf_cfg = GPT2Config(
             n_positions=2 * cfg.max_points,

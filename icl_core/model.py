@@ -29,6 +29,10 @@ class ModelConfig:
     n_embd: int = 256
     layout: Literal["garg", "y_channel"] = "garg"  # where y enters the token (module docstring)
 
+    def __post_init__(self) -> None:
+        if self.layout not in ("garg", "y_channel"):
+            raise ValueError(f"layout must be 'garg' or 'y_channel', got {self.layout!r}")
+
     @property
     def token_dim(self) -> int:
         return self.dim + (self.layout == "y_channel")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +49,8 @@ def test_y_channel_layout_gives_y_its_own_coordinate():
     assert torch.equal(tokens[:, ::2, 0], torch.zeros(2, 3))  # x tokens leave y's channel empty
     assert torch.equal(tokens[:, 1], torch.stack([ys[:, 0], *[torch.zeros(2)] * 4], dim=1))
     assert model.predict(xs, ys).shape == (2, 3)
+    with pytest.raises(ValueError, match="layout"):  # a typo must not train Garg's layout under another name
+        ModelConfig(layout="y-channel")
 
 
 def test_every_parameter_receives_gradient():

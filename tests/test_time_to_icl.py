@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 from conftest import ROOT
 
@@ -37,15 +38,21 @@ def test_first_reach_needs_every_family_under_the_threshold():
 def test_variants_override_the_shipped_recipe():
     got = tti.recipes(["adopted", "garg"], ["v:train.lr=2.0e-3;model.layout=y_channel"])
     shipped = tti.shipped_recipe()
-    assert got["adopted"] == shipped and got["garg"]["train"]["lr"] == 1e-4
+    assert got["garg"]["train"]["lr"] == 1e-4
     assert got["v"]["train"]["lr"] == 2e-3 and got["v"]["model"]["layout"] == "y_channel"
     assert got["v"]["train"]["batch_size"] == shipped["train"]["batch_size"]
+
+
+def test_a_bad_variant_stops_before_any_training(tmp_path):
+    with pytest.raises(SystemExit, match="recipe v: train.lr"):
+        tti.main(["--recipes", "--variant", "v:train.lr=-1", "--json", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_a_tiny_run_reports_curve_competence_and_final_errors_by_k(tmp_path):
     out = tmp_path / "tti.json"
     rc = tti.main(["--recipes", "garg", "--variant", TINY, "--tasks", "mixture", "--comparator-tasks", "dense",
-                   "--seeds", "0", "--eval-every", "20", "--jobs", "1", "--max-seconds", "0.5",
+                   "--seeds", "0", "--eval-every", "20", "--jobs", "1", "--max-seconds", "5",
                    "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
@@ -66,7 +73,8 @@ def test_a_tiny_run_reports_curve_competence_and_final_errors_by_k(tmp_path):
     assert abs(last - final) < 1e-4
     summary = {(s["recipe"], s["task"]): s for s in res["summary"]}
     assert summary[("tiny", "mixture")]["reached_0.05"] == 0
-    assert summary[("garg", "dense")]["seconds_to_0.05"] >= 0.5
+    assert summary[("garg", "dense")]["seconds_to_0.05"] >= 5 and summary[("garg", "dense")]["stopped_at_budget"] == 1
+    assert summary[("tiny", "mixture")]["stopped_at_budget"] == 0 and res["failed"] == []
     # --report trains nothing and derives the same tables from the saved runs.
     assert tti.main(["--report", "--json", str(out)]) == 0
     again = json.loads(out.read_text())
