@@ -164,7 +164,7 @@ def test_cuda_graph_setting_trains_eagerly_on_cpu_and_keeps_old_hashes(tmp_path)
     assert runs[1] == runs[0]  # bit-identical: the eager step
     plain = validate_run_config(tiny())
     legacy = plain.to_dict()
-    del legacy["train"]["cuda_graph"], legacy["train"]["batch_threads"]  # the fields added since
+    del legacy["train"]["cuda_graph"], legacy["train"]["batch_threads"], legacy["model"]["layout"]  # added since
     assert plain.config_hash == config_hash(legacy)
     assert validate_run_config(tiny(cuda_graph=True)).config_hash != plain.config_hash
 
@@ -194,7 +194,7 @@ def test_batch_threads_train_the_same_model_and_keep_old_hashes(tmp_path):
             torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
     plain = validate_run_config(tiny())
     legacy = plain.to_dict()
-    del legacy["train"]["cuda_graph"], legacy["train"]["batch_threads"]  # the fields added since
+    del legacy["train"]["cuda_graph"], legacy["train"]["batch_threads"], legacy["model"]["layout"]  # added since
     assert plain.config_hash == config_hash(legacy)
     assert validate_run_config(tiny(batch_threads=2)).config_hash != plain.config_hash
 
