@@ -3,10 +3,9 @@
 Token layout (`layout`): Garg et al.'s "garg", x_i as a d-vector and y_i as the d-vector (y_i, 0, ..., 0); or
 "y_channel" (Hoogland et al. 2024, Raventós et al. 2023), tokens of d + 1 coordinates with y in its own channel:
 x_i as (0, x_i), y_i as (y_i, 0, ..., 0). One shared linear read-in; a linear read-out at every x position
-predicts y_i from x_1, y_1, ..., x_i. The last y is never
-fed (nothing reads it), so a prompt of n points is 2n - 1 tokens and every parameter is used. Likewise the
-last block's y positions only serve as keys and values: its queries, c_proj and MLP run at the x positions
-only (docs/performance.md: 1.1-1.2x faster training at 4 layers, ~1.04x at 12, the same function).
+predicts y_i from x_1, y_1, ..., x_i. The last y is never fed (nothing reads it), so a prompt of n points is
+2n - 1 tokens and every parameter is used. Likewise the last block's y positions only serve as keys and values:
+its queries, c_proj and MLP run at the x positions only (docs/performance.md: faster training, the same function).
 """
 
 from __future__ import annotations

@@ -263,8 +263,10 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, list[Trial]]:
 def _check_outside_tasks(spec: SweepSpec, trials: list[Trial]) -> None:
     """A coverage check's `outside` tasks must be eval tasks of the sweep (a typo would only fail after it ran)."""
     outside = spec.checks.get("outside") if spec.checks.get("finding") == "coverage" else None
+    if not outside:
+        return
     tasks = {f.canonical_id for t in trials for f in t.config.eval_tasks()}
-    for i, task in enumerate(outside or []):
+    for i, task in enumerate(outside):
         if task not in tasks:
             raise ConfigError(f"checks.outside[{i}]", f"{task!r} is not an eval task of this sweep "
                               f"(have: {', '.join(sorted(tasks))})")
