@@ -80,7 +80,10 @@ def recipes(names: list[str], variants: list[str]) -> dict[str, dict[str, Any]]:
         name, _, sets = v.partition(":")
         recipe = copy.deepcopy(known["adopted"])
         for item in filter(None, (s.strip() for s in sets.split(";"))):
-            set_dotted(recipe, *parse_override(item))
+            key, value = parse_override(item)
+            if key.split(".")[0] not in ("model", "train"):  # data is the benchmark's, fixed for every recipe
+                raise SystemExit(f"--variant {name}: {key}: a recipe sets model.* and train.* keys only")
+            set_dotted(recipe, key, value)
         out[name] = recipe
     return out
 

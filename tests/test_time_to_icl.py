@@ -46,6 +46,8 @@ def test_variants_override_the_shipped_recipe():
 def test_a_bad_variant_stops_before_any_training(tmp_path):
     with pytest.raises(SystemExit, match="recipe v: train.lr"):
         tti.main(["--recipes", "--variant", "v:train.lr=-1", "--json", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="--variant v: data.dim: a recipe sets model.. and train.. keys only"):
+        tti.main(["--recipes", "--variant", "v:data.dim=8", "--json", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
 
 
