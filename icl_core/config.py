@@ -114,8 +114,9 @@ class TrainConfig(_Strict):
     steps: int = Field(500_000, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-4, gt=0.0, allow_inf_nan=False)
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "cosine", "wsd"] = "constant"
     warmup_steps: int = Field(0, ge=0)
+    decay_steps: int = Field(0, ge=0)  # wsd only: the last steps, where lr falls linearly to lr x min_lr_ratio
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -126,6 +127,15 @@ class TrainConfig(_Strict):
     compile: bool = False
     cuda_graph: bool = False  # on CUDA, replay the whole step from a CUDA graph (icl_core.cuda_graph); eager on CPU
     batch_threads: int = Field(1, ge=1)  # on CPU, split each batch over this many threads (icl_core.threaded_step)
+
+    @model_validator(mode="after")
+    def _decay_fits(self) -> TrainConfig:
+        if self.schedule == "wsd" and not 0 < self.decay_steps <= self.steps - self.warmup_steps:
+            raise _FieldError("decay_steps", f"schedule wsd needs 0 < decay_steps <= steps - warmup_steps "
+                              f"({self.steps - self.warmup_steps}); got {self.decay_steps}")
+        if self.schedule != "wsd" and self.decay_steps:
+            raise _FieldError("decay_steps", f"only schedule wsd decays over decay_steps (schedule is {self.schedule})")
+        return self
 
     @model_validator(mode="after")
     def _one_way_to_speed_up(self) -> TrainConfig:
@@ -325,6 +335,7 @@ def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfi
 # their hashes, so a new `sweep run` still finds them finished.
 HASHED_ONLY_WHEN_SET: dict[tuple[str, str], Any] = {
     ("train", "cuda_graph"): False, ("train", "batch_threads"): 1, ("model", "layout"): "garg",
+    ("train", "decay_steps"): 0,
 }
 
 

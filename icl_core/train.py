@@ -48,14 +48,20 @@ class TrainCallback(Protocol):
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or cosine decay."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant, cosine decay, or
+    wsd (constant, then a linear fall to lr x min_lr_ratio over the last `decay_steps`)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        into_decay = step - (cfg.steps - cfg.decay_steps) + 1
+        if into_decay <= 0:
+            return cfg.lr
+        return cfg.lr - (cfg.lr - min_lr) * min(1.0, into_decay / cfg.decay_steps)
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    min_lr = cfg.lr * cfg.min_lr_ratio
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 

@@ -135,3 +135,15 @@ def test_token_layout_is_hashed_only_away_from_gargs():
     assert {t.hash for t in load_sweep(ROOT / "sweeps" / "linear_sine_cpu.yaml")[1]} == ran
     with pytest.raises(ConfigError, match="model.layout"):
         validate_run_config({**base(), "model": {**base()["model"], "layout": "x_channel"}})
+
+
+def test_wsd_decay_is_hashed_only_when_set_and_must_fit_the_run():
+    a = validate_run_config(base())
+    zero = validate_run_config({**base(), "train": {**base()["train"], "decay_steps": 0}})
+    wsd = validate_run_config({**base(), "train": {**base()["train"], "schedule": "wsd", "decay_steps": 1}})
+    assert zero.config_hash == a.config_hash != wsd.config_hash
+    steps = wsd.train.steps
+    for bad in ({"schedule": "wsd"}, {"schedule": "wsd", "warmup_steps": 2, "decay_steps": steps - 1},
+                {"schedule": "cosine", "decay_steps": 1}):
+        with pytest.raises(ConfigError, match="train.decay_steps"):
+            validate_run_config({**base(), "train": {**base()["train"], **bad}})

@@ -40,6 +40,10 @@ def test_lr_schedule_is_a_pure_function_of_the_step():
     assert lr_at(110, cos) == pytest.approx(1e-4)
     lrs = [lr_at(s, cos) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    wsd = TrainConfig(lr=1e-3, steps=110, schedule="wsd", warmup_steps=10, decay_steps=40, min_lr_ratio=0.0)
+    assert lr_at(9, wsd) == pytest.approx(1e-3) and lr_at(69, wsd) == pytest.approx(1e-3)
+    assert lr_at(70, wsd) == pytest.approx(1e-3 * 39 / 40) and lr_at(89, wsd) == pytest.approx(0.5e-3)
+    assert lr_at(109, wsd) == 0.0
 
 
 def test_curriculum_grows_dims_and_points():
