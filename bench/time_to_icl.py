@@ -81,8 +81,10 @@ def recipes(names: list[str], variants: list[str]) -> dict[str, dict[str, Any]]:
         recipe = copy.deepcopy(known["adopted"])
         for item in filter(None, (s.strip() for s in sets.split(";"))):
             key, value = parse_override(item)
-            if key.split(".")[0] not in ("model", "train"):  # data is the benchmark's, fixed for every recipe
-                raise SystemExit(f"--variant {name}: {key}: a recipe sets model.* and train.* keys only")
+            # the data are the benchmark's, the same for every recipe; only the curriculum over them is a lever
+            if key.split(".")[0] not in ("model", "train") and not key.startswith("data.curriculum."):
+                raise SystemExit(f"--variant {name}: {key}: a recipe sets model.*, train.* and "
+                                 "data.curriculum.* keys only")
             set_dotted(recipe, key, value)
         out[name] = recipe
     return out
@@ -90,7 +92,8 @@ def recipes(names: list[str], variants: list[str]) -> dict[str, dict[str, Any]]:
 
 def run_config(recipe: dict[str, Any], task: str, seed: int, eval_every: int) -> dict[str, Any]:
     train_section = {**recipe["train"], "checkpoint_every": eval_every, "log_every": eval_every, "device": "cpu"}
-    return {"seed": seed, "data": {"dim": DIM, "n_points": POINTS, "mixture": TASKS[task]},
+    data = {**recipe.get("data", {}), "dim": DIM, "n_points": POINTS, "mixture": TASKS[task]}
+    return {"seed": seed, "data": data,
             "model": recipe["model"], "train": train_section}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -13,6 +14,7 @@ if str(ROOT) not in sys.path:  # `bench` is a top-level folder, not an installed
     sys.path.insert(0, str(ROOT))
 
 from bench import time_to_icl as tti  # noqa: E402
+from icl_core.config import validate_run_config  # noqa: E402
 
 TINY = "tiny:model.n_layer=1;model.n_head=2;model.n_embd=16;train.steps=40;train.batch_size=16;train.lr=1.0e-3"
 
@@ -41,12 +43,18 @@ def test_variants_override_the_shipped_recipe():
     assert got["garg"]["train"]["lr"] == 1e-4
     assert got["v"]["train"]["lr"] == 2e-3 and got["v"]["model"]["layout"] == "y_channel"
     assert got["v"]["train"]["batch_size"] == shipped["train"]["batch_size"]
+    cur = tti.recipes([], ["c:data.curriculum.dims.start=2;data.curriculum.dims.end=5;"
+                           "data.curriculum.dims.inc=1;data.curriculum.dims.interval=250"])["c"]
+    cfg = tti.run_config(cur, "dense", 0, 250)
+    assert cfg["data"]["curriculum"]["dims"]["start"] == 2 and cfg["data"]["dim"] == tti.DIM
+    assert validate_run_config(cfg).data.dims_at(0) == 2
 
 
 def test_a_bad_variant_stops_before_any_training(tmp_path):
     with pytest.raises(SystemExit, match="recipe v: train.lr"):
         tti.main(["--recipes", "--variant", "v:train.lr=-1", "--json", str(tmp_path / "x.json")])
-    with pytest.raises(SystemExit, match="--variant v: data.dim: a recipe sets model.. and train.. keys only"):
+    only = "--variant v: data.dim: a recipe sets model.*, train.* and data.curriculum.* keys only"
+    with pytest.raises(SystemExit, match=re.escape(only)):
         tti.main(["--recipes", "--variant", "v:data.dim=8", "--json", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
 
