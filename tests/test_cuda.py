@@ -33,7 +33,7 @@ def losses(run_dir) -> list[float]:
 
 
 def weights(run_dir) -> torch.Tensor:
-    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["model"]
+    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)["model"]
     return torch.cat([v.float().flatten() for v in state.values()])
 
 
@@ -57,7 +57,7 @@ def test_cuda_graph_run_resumes_from_its_checkpoint(tmp_path):
     cut = tmp_path / "cut"
     train(validate_run_config(config(**constant, steps=45)), cut, progress=False)  # ends at the checkpoint
     cfg = validate_run_config(config(**constant))
-    ckpt = torch.load(cut / CHECKPOINT, weights_only=False)
+    ckpt = torch.load(cut / CHECKPOINT, weights_only=True)
     ckpt["config"], ckpt["config_hash"] = cfg.to_dict(), cfg.config_hash  # as if the 90-step run was cut at 45
     torch.save(ckpt, cut / CHECKPOINT)
     result = train(cfg, cut, resume=True, progress=False)

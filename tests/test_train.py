@@ -68,7 +68,7 @@ def test_short_run_loss_falls(tmp_path):
     first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
     assert last < 0.6 * first, (first, last)
     assert result.step == 600
-    ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
     assert ckpt["step"] == 600 and ckpt["config"] == cfg.to_dict() and ckpt["config_hash"] == cfg.config_hash
     assert {"model", "optimizer", "data_rng", "torch_rng"} <= set(ckpt)
 
@@ -89,7 +89,7 @@ def test_compiled_training_follows_the_eager_run(tmp_path):
         cfg = validate_run_config(tiny(steps=30, log_every=1, checkpoint_every=30, compile=compile_))
         train(cfg, tmp_path / str(compile_), progress=False)
         losses.append([float(r["loss"]) for r in read_metrics(tmp_path / str(compile_) / METRICS)])
-        states.append(torch.load(tmp_path / str(compile_) / CHECKPOINT, weights_only=False)["model"])
+        states.append(torch.load(tmp_path / str(compile_) / CHECKPOINT, weights_only=True)["model"])
     assert len(losses[1]) == 30
     assert losses[1] == pytest.approx(losses[0], rel=1e-3, abs=1e-5)
     assert states[1].keys() == states[0].keys()  # the plain model's names, not torch.compile's wrapper's
@@ -145,8 +145,8 @@ def test_sigkill_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, b
         proc.wait()
     assert _start(cfg, killed).wait() == 0
 
-    a = torch.load(ref / CHECKPOINT, weights_only=False)
-    b = torch.load(killed / CHECKPOINT, weights_only=False)
+    a = torch.load(ref / CHECKPOINT, weights_only=True)
+    b = torch.load(killed / CHECKPOINT, weights_only=True)
     assert a["step"] == b["step"] == steps
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
@@ -168,7 +168,9 @@ def test_cuda_graph_setting_trains_eagerly_on_cpu_and_keeps_old_hashes(tmp_path)
     assert runs[1] == runs[0]  # bit-identical: the eager step
     plain = validate_run_config(tiny())
     legacy = plain.to_dict()
-    del legacy["train"]["cuda_graph"], legacy["train"]["batch_threads"], legacy["model"]["layout"]  # added since
+    for section, key in (("train", "cuda_graph"), ("train", "batch_threads"), ("model", "layout"),
+                         ("train", "decay_steps")):  # added since
+        del legacy[section][key]
     assert plain.config_hash == config_hash(legacy)
     assert validate_run_config(tiny(cuda_graph=True)).config_hash != plain.config_hash
 
@@ -191,14 +193,16 @@ def test_batch_threads_train_the_same_model_and_keep_old_hashes(tmp_path):
         cfg = validate_run_config(tiny(steps=30, log_every=1, checkpoint_every=30, batch_threads=threads))
         train(cfg, tmp_path / str(threads), progress=False)
         losses.append([float(r["loss"]) for r in read_metrics(tmp_path / str(threads) / METRICS)])
-        states.append(torch.load(tmp_path / str(threads) / CHECKPOINT, weights_only=False)["model"])
+        states.append(torch.load(tmp_path / str(threads) / CHECKPOINT, weights_only=True)["model"])
     for other, state in zip(losses[1:], states[1:]):
         assert len(other) == 30 and other == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
         for name, value in states[0].items():
             torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
     plain = validate_run_config(tiny())
     legacy = plain.to_dict()
-    del legacy["train"]["cuda_graph"], legacy["train"]["batch_threads"], legacy["model"]["layout"]  # added since
+    for section, key in (("train", "cuda_graph"), ("train", "batch_threads"), ("model", "layout"),
+                         ("train", "decay_steps")):  # added since
+        del legacy[section][key]
     assert plain.config_hash == config_hash(legacy)
     assert validate_run_config(tiny(batch_threads=2)).config_hash != plain.config_hash
 
