@@ -10,10 +10,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import numbers
 import os
+import pickle
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +33,14 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 CONFIG = "config.yaml"
 METRIC_FIELDS = ("step", "loss", "lr", "n_dims", "n_points", "time_s")
+# What every checkpoint holds, what a resume needs on top, and the type of each entry.
+CHECKPOINT_KEYS = ("step", "model", "model_config", "config", "config_hash")
+RESUME_KEYS = (*CHECKPOINT_KEYS, "optimizer", "data_rng")
+_ENTRY_TYPES: dict[str, type] = {
+    "step": int, "model": dict, "model_config": dict, "config": dict, "config_hash": str, "optimizer": dict,
+    "data_rng": torch.Tensor, "torch_rng": torch.Tensor, "extra": dict, "metrics": dict,
+}
+_RETRAIN = "retrain, or point at the run directory that wrote it"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -113,33 +125,134 @@ def data_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed + 1_000_003)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write-then-rename, so a reader (or a resume after SIGKILL) never sees a partial file."""
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temp file beside `path` that replaces it when the block succeeds; on any failure the temp file is
+    removed, `path` keeps its previous content, and an OSError is re-raised naming `path`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None and e.filename != os.fspath(path):
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+        raise
+
+
+class _WriteSink:
+    """A binary file for torch.save that keeps the OSError of a failed write (torch reports a RuntimeError)."""
+
+    def __init__(self, f: Any):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write-then-rename, so a reader (or a resume after SIGKILL) never sees a partial file; a failed write
+    (e.g. a full disk) leaves no temp file, keeps the previous file and raises an OSError naming `path`."""
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        sink = _WriteSink(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is None:
+                raise
+            raise sink.error from None
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write-then-rename `text`; a failed write leaves no temp file and the previous file as it was."""
+    with _replacing(path) as tmp:
+        tmp.write_text(text)
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=False)
+def plain_data(value: Any, where: str = "checkpoint") -> Any:
+    """`value` as data a weights-only load accepts: tensors, dicts, lists, tuples, str, int, float, bool, None
+    (paths, enums and numeric scalars are converted); anything else is a TypeError naming `where`."""
+    if value is None or type(value) in (bool, int, float, str) or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Enum):
+        return plain_data(value.value, where)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, os.PathLike):
+        return plain_data(os.fspath(value), where)
+    if isinstance(value, Mapping):
+        return {plain_data(k, where): plain_data(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [plain_data(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(f"{where} holds a {type(value).__name__}; a checkpoint holds tensors and plain data only")
+
+
+def _not_a_checkpoint(path: Path, why: str) -> ConfigError:
+    return ConfigError("checkpoint", f"{path} is not an iclmix checkpoint ({why}): {_RETRAIN}")
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu",
+                    required: Sequence[str] = CHECKPOINT_KEYS) -> dict[str, Any]:
+    """A checkpoint loaded as tensors and plain data only (never running code from the file); a file that is
+    unreadable, empty, truncated, foreign or lacks a `required` entry is a one-line ConfigError naming it."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # e.g. torch's note on a foreign pickle protocol
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:
+        raise ConfigError("checkpoint", f"cannot read {path} ({e.strerror or e})") from None
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except pickle.UnpicklingError as e:
+        refused = str(e).partition("Unsupported global: GLOBAL ")[2].split()
+        why = f"loading it would run {refused[0]}, which is refused" if refused else "empty, truncated or foreign"
+        raise _not_a_checkpoint(path, why) from None
+    except Exception:  # torch reports a damaged file as EOFError, RuntimeError, KeyError, ...
+        raise _not_a_checkpoint(path, "empty, truncated or foreign") from None
+    if not isinstance(ckpt, dict):
+        raise _not_a_checkpoint(path, f"it holds a {type(ckpt).__name__}, not a checkpoint mapping")
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise _not_a_checkpoint(path, f"no {', '.join(missing)}; an older or foreign format")
+    for key, kind in _ENTRY_TYPES.items():
+        if key in ckpt and not isinstance(ckpt[key], kind):
+            raise _not_a_checkpoint(path, f"its {key} is a {type(ckpt[key]).__name__}, not {kind.__name__}")
+    return ckpt
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ICLTransformer, RunConfig]:
     """The trained model and resolved config of a run directory (config travels in the checkpoint)."""
-    ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT, map_location=device)
-    cfg = validate_run_config(ckpt["config"])
-    model = ICLTransformer(ModelConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    path = Path(run_dir) / CHECKPOINT
+    ckpt = load_checkpoint(path, map_location=device)
+    try:
+        cfg = validate_run_config(ckpt["config"])
+        model = ICLTransformer(ModelConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (ConfigError, TypeError, ValueError, RuntimeError) as e:
+        raise _not_a_checkpoint(path, f"its model does not load: {_first_line(e)}") from None
     return model.to(device), cfg
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0].rstrip(":") if lines else type(e).__name__
 
 
 @dataclass
@@ -201,20 +314,24 @@ def train(
     extra = dict(extra or {})
     last: dict[str, float] = {}
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        ckpt = load_checkpoint(ckpt_path, map_location=device, required=RESUME_KEYS)
         if ckpt["config_hash"] != cfg.config_hash:
             raise ConfigError(
                 "--resume", f"{ckpt_path} was written by another config (hash {ckpt['config_hash']})"
             )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            gen.set_state(ckpt["data_rng"].to(gen.get_state().device))
+        except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as e:
+            raise _not_a_checkpoint(ckpt_path, f"its state does not load: {_first_line(e)}") from None
         if graphed:
             capturable_lr(optimizer, device)  # the loaded groups carry their own lr objects
-        gen.set_state(ckpt["data_rng"].to(gen.get_state().device))
         step = ckpt["step"]
         extra = {**ckpt.get("extra", {}), **extra}
         last = dict(ckpt.get("metrics", {}))
-    atomic_write_text(out / CONFIG, dump_yaml(cfg))
+    with _write_error("--out", out / CONFIG):
+        atomic_write_text(out / CONFIG, dump_yaml(cfg))
     _truncate_metrics(out / METRICS, step)
 
     tc = cfg.train
@@ -282,7 +399,8 @@ def train(
                 bar.update(1)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 os.fsync(metrics_file.fileno())  # rows up to the checkpoint must survive a kill
-                _save(out, model, optimizer, gen, step, cfg, extra, last)
+                with _write_error("checkpoint", ckpt_path):
+                    _save(out, model, optimizer, gen, step, cfg, extra, last)
                 for cb in callbacks:
                     cb.on_checkpoint(step, ckpt_path, last)
     if bar is not None:
@@ -295,19 +413,33 @@ def _raise_if_non_finite(first_bad: torch.Tensor, bad_loss: torch.Tensor) -> Non
         raise NonFiniteLossError(step, bad_loss.item())
 
 
+@contextlib.contextmanager
+def _write_error(field: str, path: Path) -> Iterator[None]:
+    """Turn a failed write of `path` (full disk, no permission) into a one-line error; nothing is lost."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(field, f"cannot write {path} ({e.strerror or e}); what was written before is kept: "
+                                 "free space or fix permissions, then rerun with --resume") from e
+
+
 def _save(out: Path, model, optimizer, gen, step, cfg: RunConfig, extra, metrics) -> None:
+    """The checkpoint: tensors and plain data only, so it loads with `weights_only=True`."""
+    state = model.state_dict()
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TypeError("checkpoint.model holds a non-tensor entry")
     atomic_torch_save(
         {
-            "step": step,
-            "model": model.state_dict(),
-            "model_config": model.cfg.to_dict(),
-            "optimizer": optimizer.state_dict(),
+            "step": int(step),
+            "model": state,
+            "model_config": plain_data(model.cfg.to_dict(), "checkpoint.model_config"),
+            "optimizer": plain_data(optimizer.state_dict(), "checkpoint.optimizer"),
             "data_rng": gen.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "config": cfg.to_dict(),
+            "config": plain_data(cfg.to_dict(), "checkpoint.config"),
             "config_hash": cfg.config_hash,
-            "extra": extra,
-            "metrics": metrics,
+            "extra": plain_data(dict(extra), "checkpoint.extra"),
+            "metrics": plain_data(dict(metrics), "checkpoint.metrics"),
         },
         out / CHECKPOINT,
     )
