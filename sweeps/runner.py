@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,8 @@ QUIET_ENV = {
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ctrl-C stops the whole sweep (and says how to resume it), not Tune's loop with its Tuner.restore advice.
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
 
 
@@ -40,6 +44,7 @@ class SweepContext:
     parent_run_id: str
     git_commit: str
     failed: dict[str, str] = field(default_factory=dict)  # hash -> reason
+    failed_cells: dict[str, str] = field(default_factory=dict)  # cell label -> why its Optuna search failed
 
 
 def _is_uri(path: str) -> bool:
@@ -169,9 +174,11 @@ def _run_round(ctx: SweepContext, payloads: list[dict], progress: Progress, roun
             ctx.failed[payload["hash"]] = str(result.metrics.get("error", "failed"))
 
 
-def _grid_round(ctx: SweepContext, trials: list[Trial], done: set[str], progress: Progress) -> None:
+def _grid_round(ctx: SweepContext, trials: list[Trial], done: set[str], progress: Progress) -> list[str]:
+    """Run the trials MLflow has not FINISHED; returns the hashes of every trial the sweep needs."""
     pending = [_payload(ctx, t, ctx.parent_run_id) for t in trials if t.hash not in done]
     _run_round(ctx, pending, progress, f"{ctx.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return [t.hash for t in trials]
 
 
 def _suggest(trial, key: str, param) -> Any:
@@ -185,8 +192,9 @@ def _suggest(trial, key: str, param) -> Any:
     return trial.suggest_categorical(key, value)
 
 
-def _optuna_rounds(ctx: SweepContext, trials: list[Trial], progress: Progress) -> None:
-    """Each cell's study asks for one sample per round; every seed of the sample is a trial."""
+def _optuna_rounds(ctx: SweepContext, trials: list[Trial], progress: Progress) -> list[str]:
+    """Each cell's study asks for one sample per round; every seed of the sample is a trial. Returns the hashes
+    of every trial the studies hold; a cell whose study completed no trial goes to `ctx.failed_cells`."""
     import optuna
     from mlflow.tracking import MlflowClient
 
@@ -240,7 +248,7 @@ def _optuna_rounds(ctx: SweepContext, trials: list[Trial], progress: Progress) -
             for t in ts:
                 runs = tr.find_runs(client, ctx.experiment_id, spec.name, "trial", config_hash=t.hash)
                 fin = [r for r in runs if r.info.status == "FINISHED"]
-                v = fin[0].data.metrics.get(tune_spec.metric) if fin else None
+                v = fin[0].data.metrics.get(tr.mlflow_key(tune_spec.metric)) if fin else None
                 if v is not None and math.isfinite(v):
                     values.append(v)
             study = studies[cid]
@@ -248,13 +256,23 @@ def _optuna_rounds(ctx: SweepContext, trials: list[Trial], progress: Progress) -
                 study.tell(handle, sum(values) / len(values))
             else:
                 study.tell(handle, state=optuna.trial.TrialState.FAIL)
+    expected = []
     for cid, study in studies.items():
+        for ot in study.get_trials(deepcopy=False):
+            expected += [resolve(spec.base, {**dict(cells[cid].overrides), **ot.params, "seed": s},
+                                 f"grid cell [{cells[cid].label}]").config_hash for s in spec.seeds]
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if complete:
             best = study.best_trial
             tr.set_tags(client, cell_runs[cid], {"iclmix.best_params": json.dumps(best.params, sort_keys=True)})
-            client.log_metric(cell_runs[cid], f"best_{tune_spec.metric}", best.value)
+            client.log_metric(cell_runs[cid], tr.mlflow_key(f"best_{tune_spec.metric}"), best.value)
+        else:
+            why = (f"none of its {len(study.trials)} Optuna trial(s) finished every seed with a finite "
+                   f"{tune_spec.metric}")
+            tr.set_tags(client, cell_runs[cid], {tr.TAG_ERROR: why})
+            ctx.failed_cells[cells[cid].label] = why
         tr.end_run(client, cell_runs[cid], "FINISHED" if complete else "FAILED")
+    return expected
 
 
 def _init_ray(address: str | None) -> str | None:
@@ -362,9 +380,11 @@ def run_sweep(
         server = MlflowServer(Path(root), proxy_artifacts=False).start()
         tracking_uri = server.uri
         print(f"[{spec.name}] MLflow: {server.backend_uri} (served at {server.uri} while the sweep runs)", flush=True)
-    ray_tmp = None
+    ray_tmp, client, ctx = None, None, None
     try:
+        _stop_on_signals()
         ray_tmp = _init_ray(address)
+        _stop_on_signals()  # again: ray.init installs its own SIGTERM handler, which exits without cleaning up
         check_shared_storage(root)
         client = MlflowClient(tracking_uri)
         exp_id = tr.experiment_id(client, spec.name)
@@ -379,17 +399,46 @@ def run_sweep(
         print(f"[{spec.name}] {total} trials, {min(already, total)} already finished in MLflow", flush=True)
         progress = Progress(spec.name, total, min(already, total))
         if spec.tune is None:
-            _grid_round(ctx, trials, done, progress)
+            expected = _grid_round(ctx, trials, done, progress)
         else:
-            _optuna_rounds(ctx, trials, progress)
+            expected = _optuna_rounds(ctx, trials, progress)
 
-        status = _summary(client, ctx, trials)
+        status = _summary(client, ctx, expected)
         tr.end_run(client, parent, "FINISHED" if status == 0 else "FAILED")
         return status
+    except KeyboardInterrupt:
+        _shutdown_ray(ray_tmp)  # first: no trial may write to MLflow after its run is marked KILLED
+        ray_tmp = None
+        if client is not None and ctx is not None:
+            _mark_killed(client, ctx)
+        print(f"[{spec.name}] interrupted: unfinished trials are marked KILLED in MLflow; run the same command "
+              "to resume (finished trials are kept, the others continue from their last checkpoint)",
+              file=sys.stderr, flush=True)
+        return 130
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _shutdown_ray(ray_tmp)
         if server is not None:
             server.stop()
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (a scheduler's stop, `kill`) ends the sweep as Ctrl-C does: runs marked KILLED, exit 130."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _mark_killed(client, ctx: SweepContext) -> None:
+    """The parent and every trial or cell run still RUNNING were stopped by the user: say so in MLflow."""
+    for role in ("trial", "cell"):
+        for r in tr.find_runs(client, ctx.experiment_id, ctx.spec.name, role):
+            if r.info.status in ("RUNNING", "SCHEDULED"):
+                tr.end_run(client, r.info.run_id, "KILLED")
+    tr.end_run(client, ctx.parent_run_id, "KILLED")
 
 
 def _shutdown_ray(tmp: str | None) -> None:
@@ -403,18 +452,37 @@ def _shutdown_ray(tmp: str | None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _summary(client, ctx: SweepContext, trials: list[Trial]) -> int:
-    runs = tr.find_runs(client, ctx.experiment_id, ctx.spec.name, "trial")
+def _summary(client, ctx: SweepContext, expected: list[str]) -> int:
+    """Print what became of every trial the sweep needs; 0 only when each one FINISHED."""
+    latest: dict[str, Any] = {}  # hash -> its FINISHED run, else its most recent one
+    for r in tr.find_runs(client, ctx.experiment_id, ctx.spec.name, "trial"):
+        key = r.data.tags.get(tr.TAG_HASH)
+        old = latest.get(key)
+        if old is None or (old.info.status != "FINISHED"
+                           and (r.info.status == "FINISHED" or r.info.start_time > old.info.start_time)):
+            latest[key] = r
     by_status: dict[str, int] = {}
-    for r in runs:
-        by_status[r.info.status] = by_status.get(r.info.status, 0) + 1
-    print(f"[{ctx.spec.name}] done: " + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())), flush=True)
-    failed = [r for r in runs if r.info.status == "FAILED"]
-    for r in failed:
-        print(f"  FAILED {r.info.run_name} ({r.data.tags.get(tr.TAG_CELL_LABEL, '')}, "
-              f"seed {r.data.tags.get(tr.TAG_SEED)}): {r.data.tags.get(tr.TAG_ERROR, 'unknown error')}", flush=True)
-    if failed or ctx.failed:
-        print(f"[{ctx.spec.name}] {len(failed) or len(ctx.failed)} trial(s) failed; run the same command to retry them",
-              file=sys.stderr, flush=True)
+    unfinished = []
+    for key in dict.fromkeys(expected):
+        run = latest.get(key)
+        status = run.info.status if run is not None else "NOT STARTED"
+        by_status[status] = by_status.get(status, 0) + 1
+        if status != "FINISHED":
+            unfinished.append((key, run, status))
+    name = ctx.spec.name
+    print(f"[{name}] done: " + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())), flush=True)
+    for key, run, status in unfinished:
+        if run is None:
+            print(f"  {status} trial {key}: {ctx.failed.get(key, 'Ray never ran it')}", flush=True)
+            continue
+        why = run.data.tags.get(tr.TAG_ERROR) or ctx.failed.get(key) or "it did not finish"
+        print(f"  {status} {run.info.run_name} ({run.data.tags.get(tr.TAG_CELL_LABEL, '')}, "
+              f"seed {run.data.tags.get(tr.TAG_SEED)}): {why}", flush=True)
+    for label, why in ctx.failed_cells.items():
+        print(f"  FAILED Optuna search of cell [{label}]: {why}", flush=True)
+    if unfinished or ctx.failed_cells:
+        what = [f"{len(unfinished)} trial(s) did not finish"] if unfinished else []
+        what += [f"{len(ctx.failed_cells)} cell search(es) failed"] if ctx.failed_cells else []
+        print(f"[{name}] {' and '.join(what)}; run the same command to retry them", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -155,7 +156,8 @@ def test_optuna_searches_inside_each_cell(tmp_path, mlflow_server):
         tmp_path / "opt.yaml", name="opt", seeds=[0],
         grid={"data.mixture": {"simplex": {"components": [{"family": "linear"}, {"family": "sparse_linear", "nnz": 1}],
                                            "steps": 1}}},
-        tune={"params": {"train.lr": {"loguniform": [1e-4, 3e-3]}}, "trials_per_cell": 2, "metric": "eval_loss"},
+        tune={"params": {"train.lr": {"loguniform": [1e-4, 3e-3]}}, "trials_per_cell": 2,
+              "metric": "eval/sparse_linear(nnz=1)"},  # a per-task metric: MLflow spells it sparse_linear.nnz:1
     )
     r = run_cli("sweep", "run", sweep, "--tracking-uri", uri, "--storage", tmp_path / "store", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -163,10 +165,81 @@ def test_optuna_searches_inside_each_cell(tmp_path, mlflow_server):
     cells = mlflow.search_runs(experiment_names=["opt"], filter_string="tags.`iclmix.role` = 'cell'")
     parent = mlflow.search_runs(experiment_names=["opt"], filter_string="tags.`iclmix.role` = 'parent'")
     assert len(cells) == 2 and set(cells["tags.mlflow.parentRunId"]) == {parent.run_id[0]}
-    assert cells["metrics.best_eval_loss"].notna().all()
+    assert cells["metrics.best_eval/sparse_linear.nnz:1"].notna().all()
     runs = trial_runs(uri, "opt")
     assert len(runs) == 4 and (runs.status == "FINISHED").all()
     for cell_run, cell_id in zip(cells.run_id, cells["tags.iclmix.cell"]):
         children = runs[runs["tags.mlflow.parentRunId"] == cell_run]
         assert len(children) == 2 and set(children["tags.iclmix.cell"]) == {cell_id}
         assert children["params.train.lr"].nunique() == 2
+
+
+def test_optuna_search_whose_trials_all_fail_is_a_failure_with_its_reason(tmp_path, mlflow_server):
+    sweep = write_sweep(tmp_path / "optfail.yaml", name="optfail", seeds=[0],
+                        tune={"params": {"train.lr": {"loguniform": [1e29, 1e30]}}, "trials_per_cell": 2})
+    r = run_cli("sweep", "run", sweep, "--tracking-uri", mlflow_server.uri, "--storage", tmp_path / "store",
+                timeout=900)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 FAILED" in r.stdout and "non-finite" in r.stdout
+    assert "FAILED Optuna search of cell" in r.stdout and "none of its 2 Optuna trial(s)" in r.stdout
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    runs = {role: mlflow.search_runs(experiment_names=["optfail"], filter_string=f"tags.`iclmix.role` = '{role}'")
+            for role in ("parent", "cell")}
+    assert list(runs["parent"].status) == ["FAILED"] and list(runs["cell"].status) == ["FAILED"]
+    assert "none of its 2 Optuna trial(s)" in runs["cell"]["tags.iclmix.error"][0]
+
+
+def _start_sweep(sweep: Path, uri: str, store: Path) -> subprocess.Popen:
+    """`iclmix sweep run` in its own process group, as a terminal runs it (Ctrl-C signals the whole group)."""
+    cmd = [sys.executable, "-m", "iclmix", "sweep", "run", str(sweep), "--tracking-uri", uri, "--storage", str(store)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_a_new_checkpoint(driver: subprocess.Popen, ckpts: Path) -> None:
+    """Until a trial of this driver has stored a checkpoint (so it is running, its MLflow run RUNNING)."""
+    start, deadline = time.time(), time.monotonic() + 300
+    while not any(p.stat().st_mtime > start for p in ckpts.glob("*/checkpoint.pt")):
+        assert driver.poll() is None, "the sweep ended before it could be interrupted"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.1)
+
+
+def test_ctrl_c_and_sigterm_mark_the_sweep_killed_exit_130_and_rerunning_resumes(tmp_path, mlflow_server):
+    uri = mlflow_server.uri
+    base = {**BASE, "train": {**BASE["train"], "steps": 600, "checkpoint_every": 25, "log_every": 25}}
+    sweep = tmp_path / "stop.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "stopme", "base": base, "seeds": [0, 1, 2],
+                                     "grid": {"model.n_embd": [8]}}))
+    store = tmp_path / "store"
+    ckpts = store / "stopme" / "checkpoints"
+    mlflow.set_tracking_uri(uri)
+    for how, sig in (("ctrl-c", signal.SIGINT), ("sigterm", signal.SIGTERM)):
+        driver = _start_sweep(sweep, uri, store)
+        _wait_for_a_new_checkpoint(driver, ckpts)
+        if how == "ctrl-c":
+            os.killpg(driver.pid, sig)  # what a terminal sends: the driver and every process it started
+        else:
+            driver.send_signal(sig)  # what a scheduler or `kill` sends: the driver only
+        out, err = driver.communicate(timeout=180)
+        assert driver.returncode == 130, (how, out[-2000:], err[-3000:])
+        assert "interrupted" in err and "run the same command to resume" in err, (how, err[-3000:])
+        assert "Tuner.restore" not in out + err, how  # Tune's advice would not resume an iclmix sweep
+        parent = mlflow.search_runs(experiment_names=["stopme"], filter_string="tags.`iclmix.role` = 'parent'")
+        assert list(parent.status) == ["KILLED"], how
+        runs = trial_runs(uri, "stopme")
+        assert len(runs) >= 1 and runs.status.isin(["FINISHED", "KILLED"]).all(), (how, list(runs.status))
+        assert (runs.status == "KILLED").any(), how
+
+    r = run_cli("sweep", "run", sweep, "--tracking-uri", uri, "--storage", store, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "done: 3 FINISHED" in r.stdout
+    runs = trial_runs(uri, "stopme")
+    assert len(runs) == 3 and runs["tags.iclmix.config_hash"].nunique() == 3 and (runs.status == "FINISHED").all()
+    assert "store" in set(runs["tags.iclmix.resumed_from"])  # continued from its checkpoint, not step 0
+    parent = mlflow.search_runs(experiment_names=["stopme"], filter_string="tags.`iclmix.role` = 'parent'")
+    assert list(parent.status) == ["FINISHED"]
+    client = MlflowClient(uri)
+    for run_id in runs.run_id:
+        steps = metric_steps(client, run_id)
+        assert steps == sorted(set(steps)) and steps[-1] == 600  # each step logged once
