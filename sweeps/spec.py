@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from icl_core.config import (
+    ESTIMATORS,
     ConfigError,
     RunConfig,
     _FieldError,
@@ -256,20 +257,41 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, list[Trial]]:
     """Read, validate and expand a sweep file; every error is a one-line ConfigError naming the field."""
     spec = validate_sweep(read_yaml(path), str(path))
     trials = expand(spec)
-    _check_outside_tasks(spec, trials)
+    check_names(spec, trials)
     return spec, trials
 
 
-def _check_outside_tasks(spec: SweepSpec, trials: list[Trial]) -> None:
-    """A coverage check's `outside` tasks must be eval tasks of the sweep (a typo would only fail after it ran)."""
-    outside = spec.checks.get("outside") if spec.checks.get("finding") == "coverage" else None
-    if not outside:
-        return
+def tune_metrics(trials: list[Trial]) -> list[str]:
+    """The metrics a finished trial reports that `tune.metric` may name (as the trial logs them)."""
     tasks = {f.canonical_id for t in trials for f in t.config.eval_tasks()}
-    for i, task in enumerate(outside):
-        if task not in tasks:
-            raise ConfigError(f"checks.outside[{i}]", f"{task!r} is not an eval task of this sweep "
-                              f"(have: {', '.join(sorted(tasks))})")
+    return ["eval_loss", *(f"eval/{task}" for task in sorted(tasks)), "train/loss"]
+
+
+def check_names(spec: SweepSpec, trials: list[Trial]) -> None:
+    """Names in `checks` and `tune.metric` must be ones this sweep produces: a typo would only fail after it ran."""
+    tasks = {f.canonical_id for t in trials for f in t.config.eval_tasks()}
+    mixtures = {t.config.data.family.canonical_id for t in trials}
+    families = {c.canonical_id for t in trials for c in t.config.data.family.components}
+    estimators = {e for t in trials for e in (t.config.eval.estimators if t.config.eval else ESTIMATORS)}
+
+    def need(value: Any, have: set[str], field_name: str, what: str) -> None:
+        if value is not None and value not in have:
+            raise ConfigError(field_name, f"{value!r} is not {what} of this sweep (have: {', '.join(sorted(have))})")
+
+    if spec.tune is not None:
+        metrics = tune_metrics(trials)
+        need(spec.tune.metric, set(metrics), "tune.metric", "a metric the trials report")
+    check = validate_checks(spec.checks)
+    if check is None:
+        return
+    for name in ("reference", "low", "high"):
+        need(getattr(check, name, None), estimators, f"checks.{name}", "an evaluated estimator")
+    if check.finding != "convex_combination" or check.mixture is not None:
+        need(getattr(check, "mixture", None), mixtures, "checks.mixture", "a pretraining mixture")
+    for name in ("family_a", "family_b"):
+        need(getattr(check, name, None), families, f"checks.{name}", "a family in a pretraining mixture")
+    for i, task in enumerate(getattr(check, "outside", None) or []):
+        need(task, tasks, f"checks.outside[{i}]", "an eval task")
 
 
 def trial_count(spec: SweepSpec, trials: list[Trial]) -> int:

@@ -10,7 +10,7 @@ import yaml
 from conftest import ROOT, run_cli
 
 from icl_core.config import ConfigError
-from sweeps.spec import load_sweep, simplex_points
+from sweeps.spec import load_sweep, simplex_points, tune_metrics
 
 BASE = {
     "data": {"dim": 5, "n_points": 11},
@@ -93,6 +93,19 @@ BAD = [
     # Unquoted in a YAML flow list, a family id splits at its commas: named, not run and then failed.
     ("name: t\nbase: {data: {dim: 2}, eval: {tasks: [{family: sine, freq_lo: 1.0, freq_hi: 1.0}]}}\n"
      "checks: {finding: coverage, outside: [sine(freq_lo=1.0,freq_hi=1.0)]}\n", "checks.outside[0]"),
+    # Names a finished sweep is read back by: a typo stops here, not after the sweep ran.
+    (sweep(tune={"params": {"train.lr": {"loguniform": [1e-4, 3e-3]}}, "metric": "eval_los"}), "tune.metric"),
+    (sweep(checks={"finding": "model_selection", "family_a": "linaer", "family_b": "sparse_linear(nnz=1)"}),
+     "checks.family_a"),
+    (sweep(checks={"finding": "model_selection", "family_a": "linear", "family_b": "sparse_linear(nnz=2)"}),
+     "checks.family_b"),
+    (sweep(checks={"finding": "interpolation", "mixture": "mixture(0.5*linear)", "test_nnz": [2]}),
+     "checks.mixture"),
+    (sweep(checks={"finding": "interpolation", "mixture": "mixture(0.5*linear+0.5*sparse_linear(nnz=1))",
+                   "test_nnz": [2], "low": "lassso"}), "checks.low"),
+    (sweep(checks={"finding": "convex_combination", "reference": "bayes"}), "checks.reference"),
+    (sweep(base={**BASE, "eval": {"estimators": ["model", "zero"]}}, checks={"finding": "interpolation",
+           "mixture": "mixture(0.5*linear+0.5*sparse_linear(nnz=1))", "test_nnz": [2]}), "checks.low"),
     ("name: t\nbase: {data: {dim: 5\n", "sweep.yaml"),
 ]
 
@@ -115,6 +128,16 @@ def test_cli_rejects_malformed_sweep_files_with_exit_2_before_launching(tmp_path
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and field in lines[0] and "Traceback" not in r.stderr, lines
     assert not (tmp_path / "store").exists()  # nothing launched, nothing written
+
+
+def test_names_a_sweep_produces_are_accepted(tmp_path):
+    # The other side of the typo cases: a per-task metric and the names of this sweep's mixtures pass.
+    mix = "mixture(0.5*linear+0.5*sparse_linear(nnz=1))"
+    ok = sweep(tune={"params": {"train.lr": {"loguniform": [1e-4, 3e-3]}}, "metric": "eval/sparse_linear(nnz=1)"},
+               checks={"finding": "interpolation", "mixture": mix, "test_nnz": [1], "low": "lasso", "high": "ols"})
+    spec, trials = load_sweep(write(tmp_path, ok))
+    assert mix in {t.config.data.family.canonical_id for t in trials}
+    assert tune_metrics(trials) == ["eval_loss", "eval/linear", "eval/sparse_linear(nnz=1)", "train/loss"]
 
 
 def test_missing_sweep_file(tmp_path):
