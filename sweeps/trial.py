@@ -118,8 +118,9 @@ def _restore(work: Path, store: CheckpointStore, key: str) -> str:
     return "store" if store.get(key, work) else "fresh"
 
 
-def _backfill_metrics(client: MlflowClient, run_id: str, metrics_csv: Path) -> None:
-    """After a resume, send the logged rows MLflow has not seen (it may have missed the last flush)."""
+def _backfill_metrics(client: MlflowClient, run_id: str, metrics_csv: Path, upto: int) -> None:
+    """After a resume from the checkpoint of step `upto`, send the logged rows up to it that MLflow has not seen
+    (it may have missed the last flush). Later rows are trained again, so they are logged then, once."""
     if not metrics_csv.exists():
         return
     seen = {m.step for m in client.get_metric_history(run_id, "train/loss")}
@@ -128,7 +129,7 @@ def _backfill_metrics(client: MlflowClient, run_id: str, metrics_csv: Path) -> N
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
             step = int(row["step"])
-            if step not in seen:
+            if step <= upto and step not in seen:
                 batch.extend(Metric(f"train/{k}", float(row[k]), now, step) for k in ("loss", "lr"))
     tr.log_metrics(client, run_id, batch)
 
@@ -165,9 +166,11 @@ def run_trial(config: dict[str, Any]) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"iclmix-{key}-"))
     try:
         source = _restore(work, store, key)
-        run_id = None
+        run_id, resumed_step = None, 0
         if (work / CHECKPOINT).exists():
-            run_id = load_checkpoint(work / CHECKPOINT).get("extra", {}).get("mlflow_run_id")
+            ckpt = load_checkpoint(work / CHECKPOINT)
+            run_id, resumed_step = ckpt.get("extra", {}).get("mlflow_run_id"), ckpt["step"]
+            del ckpt
         if run_id is None:
             run_id = tr.ensure_run(
                 client, t["experiment_id"], sweep=t["sweep"], role="trial", name=t["name"],
@@ -183,7 +186,7 @@ def run_trial(config: dict[str, Any]) -> None:
                                      "iclmix.gpu_ids": ",".join(map(str, ray.get_gpu_ids())), **device_tags})
         tr.log_params(client, run_id, tr.flatten_config(cfg.to_dict()))
         if source != "fresh":
-            _backfill_metrics(client, run_id, work / METRICS)
+            _backfill_metrics(client, run_id, work / METRICS, resumed_step)
         try:
             buffer = tr.MetricBuffer(client, run_id)
             # The checkpoint is stored before the metrics up to it are flushed: a trial killed in between resumes
