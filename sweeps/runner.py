@@ -8,6 +8,7 @@ Optuna study (ask/tell, stored in sqlite so it survives the driver), run in roun
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -33,6 +34,8 @@ QUIET_ENV = {
     # Ctrl-C stops the whole sweep (and says how to resume it), not Tune's loop with its Tuner.restore advice.
     "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
+
+FIT_TIMEOUT_S = 900  # how long a cluster's autoscaler may take to bring up a node a trial fits
 
 
 @dataclass
@@ -283,25 +286,87 @@ def _init_ray(address: str | None) -> str | None:
     if os.environ.get("ICLMIX_FAULT_ONCE"):
         env["ICLMIX_FAULT_ONCE"] = os.environ["ICLMIX_FAULT_ONCE"]
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
         return None
     import torch
 
     tmp = tempfile.mkdtemp(prefix="iclray-", dir="/tmp")
     # The GPUs torch sees, stated rather than left to Ray's own detection (NVML), which can miss them.
     ray.init(address="local", _temp_dir=tmp, include_dashboard=False, runtime_env={"env_vars": env},
-             log_to_driver=True, num_gpus=torch.cuda.device_count())
+             log_to_driver=True, logging_level=logging.WARNING, num_cpus=local_cpus(),
+             num_gpus=torch.cuda.device_count())
     return tmp
 
 
-def check_local_gpus(gpus_per_trial: float) -> None:
-    """The private local runtime has only this machine's GPUs: GPU trials without one would wait forever.
-    (A cluster may still bring GPU nodes up, so `--address` skips this.)"""
+def local_cpus() -> int:
+    """The CPUs this process may run on: what the private local Ray runtime is given."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_local_fit(cpu: float, gpu: float) -> None:
+    """The private local runtime has only this machine's CPUs and GPUs: a trial asking for more would wait
+    forever. (A cluster may still bring bigger nodes up, so `--address` waits for one instead.)"""
     import torch
 
-    if gpus_per_trial > 0 and not torch.cuda.is_available():
-        raise ConfigError("resources.gpu", f"{gpus_per_trial:g} GPU per trial, but this machine has no CUDA GPU "
-                          "for the local Ray runtime; set resources.gpu: 0 or join a cluster with --address")
+    cpus, gpus = local_cpus(), torch.cuda.device_count()
+    if cpu > cpus:
+        raise ConfigError("resources.cpu", f"{cpu:g} CPUs per trial, but this machine has {cpus} for the local Ray "
+                          "runtime; lower resources.cpu or join a cluster with --address")
+    if gpu > 0 and gpus == 0:
+        raise ConfigError("resources.gpu", f"{gpu:g} GPU per trial, but this machine has no CUDA GPU for the local "
+                          "Ray runtime; set resources.gpu: 0 or join a cluster with --address")
+    if gpu > gpus:
+        raise ConfigError("resources.gpu", f"{gpu:g} GPUs per trial, but this machine has {gpus}; lower "
+                          "resources.gpu or join a cluster with --address")
+
+
+def fit_timeout() -> float:
+    raw = os.environ.get("ICLMIX_FIT_TIMEOUT_S", str(FIT_TIMEOUT_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError("ICLMIX_FIT_TIMEOUT_S", f"must be a number of seconds >= 0, got {raw!r}")
+    return value
+
+
+def wait_for_a_node_that_fits(name: str, cpu: float, gpu: float, timeout: float) -> None:
+    """On a cluster, a trial must fit some node: if none does yet, ask the autoscaler for one and wait at most
+    `timeout` seconds; a trial that no node can take is an error, not a sweep that waits forever."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {"CPU": float(cpu), **({"GPU": float(gpu)} if gpu > 0 else {})}
+
+    def nodes() -> list[dict[str, float]]:
+        return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+
+    def fits() -> bool:
+        return any(all(res.get(k, 0.0) >= v for k, v in bundle.items()) for res in nodes())
+
+    if fits():
+        return
+    print(f"[{name}] no node of the cluster can take a trial ({cpu:g} CPU, {gpu:g} GPU) yet; asking the autoscaler "
+          f"for one (up to {timeout:.0f} s, ICLMIX_FIT_TIMEOUT_S)", flush=True)
+    request_resources(bundles=[bundle])
+    try:
+        deadline = time.monotonic() + timeout
+        while not fits():
+            if time.monotonic() > deadline:
+                have = nodes()
+                largest = max(have, key=lambda r: (r.get("CPU", 0.0), r.get("GPU", 0.0)), default={})
+                field_name = "resources.cpu" if all(r.get("CPU", 0.0) < cpu for r in have) else "resources.gpu"
+                raise ConfigError(field_name, f"no node of the cluster could take a trial of {cpu:g} CPU and "
+                                  f"{gpu:g} GPU within {timeout:.0f} s (largest node: {largest.get('CPU', 0):g} "
+                                  f"CPU, {largest.get('GPU', 0):g} GPU); lower resources.* or add a node type "
+                                  "that fits to the cluster's available_node_types")
+            time.sleep(2.0)
+    finally:
+        request_resources(bundles=[])  # the nodes trials need are Tune's demand from here on
 
 
 def check_shared_storage(root: str, timeout: float = 120.0) -> None:
@@ -367,7 +432,9 @@ def run_sweep(
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = "auto"  # submitted with `ray job submit`
     if address is None:
-        check_local_gpus(spec.resources.gpu)
+        check_local_fit(spec.resources.cpu, spec.resources.gpu)
+    else:
+        fit_wait = fit_timeout()
 
     from mlflow.tracking import MlflowClient
 
@@ -385,6 +452,8 @@ def run_sweep(
         _stop_on_signals()
         ray_tmp = _init_ray(address)
         _stop_on_signals()  # again: ray.init installs its own SIGTERM handler, which exits without cleaning up
+        if address is not None:
+            wait_for_a_node_that_fits(spec.name, spec.resources.cpu, spec.resources.gpu, fit_wait)
         check_shared_storage(root)
         client = MlflowClient(tracking_uri)
         exp_id = tr.experiment_id(client, spec.name)

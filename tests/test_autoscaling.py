@@ -135,3 +135,21 @@ def test_gpu_sweep_brings_up_a_gpu_node_that_is_released_when_idle(tmp_path, fak
     while gpu_workers(address) != 0:
         assert time.monotonic() < deadline, "the idle GPU node was not released"
         time.sleep(2)
+
+
+def test_trial_no_node_type_can_fit_is_an_error_within_the_fit_timeout(tmp_path, fake_cluster, mlflow_server):
+    # 64 CPUs per trial: neither the head (1 CPU) nor the GPU worker type (2 CPUs) can take it.
+    sweep = tmp_path / "huge.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "huge", "resources": {"cpu": 64}, "base": {
+        "data": {"dim": 3, "n_points": 6}, "model": {"n_layer": 1, "n_head": 1, "n_embd": 8},
+        "train": {"steps": 20, "batch_size": 8, "checkpoint_every": 20}}}))
+    start = time.monotonic()
+    r = run_cli("sweep", "run", sweep, "--address", fake_cluster, "--tracking-uri", mlflow_server.uri,
+                "--storage", tmp_path / "store", timeout=300, env={"ICLMIX_FIT_TIMEOUT_S": "20"})
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "resources.cpu" in lines[0] and "within 20 s" in lines[0], lines
+    assert "asking the autoscaler" in r.stdout
+    assert time.monotonic() - start < 120
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    assert mlflow.get_experiment_by_name("huge") is None  # nothing launched or tracked

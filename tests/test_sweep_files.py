@@ -145,6 +145,16 @@ def test_missing_sweep_file(tmp_path):
     assert r.returncode == 2 and "no such file" in r.stderr
 
 
+@pytest.mark.parametrize("resources, field", [({"cpu": 1000}, "resources.cpu"), ({"gpu": 64}, "resources.gpu")])
+def test_trial_larger_than_this_machine_exits_2_before_launching(tmp_path, resources, field):
+    # The private local runtime has only this machine: such a trial would wait forever.
+    r = run_cli("sweep", "run", write(tmp_path, sweep(resources=resources)), "--storage", tmp_path / "store")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and "--address" in lines[0], lines
+    assert not (tmp_path / "store").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
 def test_gpu_sweep_without_a_gpu_exits_2_before_launching(tmp_path):
     r = run_cli("sweep", "run", ROOT / "sweeps" / "gpu_packing.yaml", "--storage", tmp_path / "store")
