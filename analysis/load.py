@@ -25,7 +25,7 @@ import yaml
 
 from icl_core.config import ESTIMATORS, ConfigError, task_family
 from icl_core.families import Family, Mixture, build_mixture
-from sweeps.tracking import search_all  # MLflow + icl_core only: no Ray
+from sweeps.tracking import check_reachable, search_all  # MLflow + icl_core only: no Ray
 
 from .coverage import coverage_descriptors, in_support, parse_family_id, task_axes
 
@@ -63,19 +63,6 @@ def default_tracking_uri(sweep: str, storage: str | None = None) -> str:
     raise ConfigError("--tracking-uri", f"required when the sweep storage is a URI ({base})")
 
 
-def _check_reachable(tracking_uri: str, timeout: float = 10.0) -> None:
-    """Fail fast on a tracking server that is down (MLflow's own client retries for minutes)."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        pass  # it answers (a proxy or an auth layer may refuse /health): let MLflow talk to it
-    except (OSError, ValueError) as e:
-        raise ConfigError("--tracking-uri", f"cannot reach the MLflow server at {tracking_uri}: {e}") from None
-
-
 _checked: set[str] = set()
 
 
@@ -83,7 +70,7 @@ def _client(tracking_uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if tracking_uri.startswith(("http://", "https://")) and tracking_uri not in _checked:
-        _check_reachable(tracking_uri)
+        check_reachable(tracking_uri)
         _checked.add(tracking_uri)
     from mlflow.tracking import MlflowClient
 

@@ -12,6 +12,8 @@ import logging
 import math
 import os
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -23,6 +25,7 @@ from typing import Any
 from icl_core.config import ConfigError
 
 from . import tracking as tr
+from .reaper import start_reaper, stop_reaper
 from .spec import SweepSpec, Trial, load_sweep, resolve, trial_count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,24 +281,56 @@ def _optuna_rounds(ctx: SweepContext, trials: list[Trial], progress: Progress) -
     return expected
 
 
-def _init_ray(address: str | None) -> str | None:
-    """Join `address` (e.g. "auto" on a cluster or under `ray job submit`), else a private local runtime."""
+def _init_ray(address: str | None) -> tuple[str | None, subprocess.Popen | None]:
+    """Join `address` (e.g. "auto" on a cluster or under `ray job submit`), else start a private local runtime;
+    returns the local runtime's temp dir and its watchdog (None, None when joining)."""
     import ray
 
     env = dict(QUIET_ENV)
     if os.environ.get("ICLMIX_FAULT_ONCE"):
         env["ICLMIX_FAULT_ONCE"] = os.environ["ICLMIX_FAULT_ONCE"]
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
-        return None
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True,
+                     logging_level=logging.WARNING)
+        except ConnectionError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError("--address", f"cannot join a Ray cluster at {address}: {first}") from None
+        return None, None
     import torch
 
     tmp = tempfile.mkdtemp(prefix="iclray-", dir="/tmp")
+    reaper = start_reaper(tmp)  # a SIGKILLed driver leaves neither Ray processes nor this temp dir behind
     # The GPUs torch sees, stated rather than left to Ray's own detection (NVML), which can miss them.
     ray.init(address="local", _temp_dir=tmp, include_dashboard=False, runtime_env={"env_vars": env},
              log_to_driver=True, logging_level=logging.WARNING, num_cpus=local_cpus(),
              num_gpus=torch.cuda.device_count())
-    return tmp
+    return tmp, reaper
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a Ray address nothing answers at (joining one retries for a minute, then a traceback)."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")  # else Ray's own lookup, which fails at once
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or "/" in host:
+        return  # "auto" with no RAY_ADDRESS, or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError("--address", f"cannot reach a Ray cluster at {address} ({e.strerror or e}); start it "
+                          "(`ray up cluster.yaml`) or check the address") from None
+
+
+def check_writable_folder(path: Path, field_name: str) -> None:
+    """`path` is a folder, or can be made one, that this process may write to."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(field_name, f"{existing} is a file, not a folder: pass a folder for {path}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(field_name, f"cannot write to {existing} (permission denied): pass a folder you can write")
 
 
 def local_cpus() -> int:
@@ -431,27 +466,33 @@ def run_sweep(
         os.environ.setdefault(key, value)
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = "auto"  # submitted with `ray job submit`
+    # Everything a sweep needs from outside is checked here, in seconds, before Ray starts or a file is written.
     if address is None:
         check_local_fit(spec.resources.cpu, spec.resources.gpu)
     else:
         fit_wait = fit_timeout()
+        check_ray_address(address)
+    if not _is_uri(root):
+        check_writable_folder(Path(root), "--storage")
+    if tracking_uri is not None:
+        tr.check_reachable(tracking_uri)
 
     from mlflow.tracking import MlflowClient
 
     from .mlflow_server import MlflowServer
 
-    if not _is_uri(root):
-        Path(root).mkdir(parents=True, exist_ok=True)
-    server = None
-    if tracking_uri is None:
-        server = MlflowServer(Path(root), proxy_artifacts=False).start()
-        tracking_uri = server.uri
-        print(f"[{spec.name}] MLflow: {server.backend_uri} (served at {server.uri} while the sweep runs)", flush=True)
-    ray_tmp, client, ctx = None, None, None
+    ray_tmp, reaper, client, ctx, server = None, None, None, None, None
     try:
         _stop_on_signals()
-        ray_tmp = _init_ray(address)
+        ray_tmp, reaper = _init_ray(address)
         _stop_on_signals()  # again: ray.init installs its own SIGTERM handler, which exits without cleaning up
+        if not _is_uri(root):
+            Path(root).mkdir(parents=True, exist_ok=True)
+        if tracking_uri is None:
+            server = MlflowServer(Path(root), proxy_artifacts=False).start()
+            tracking_uri = server.uri
+            print(f"[{spec.name}] MLflow: {server.backend_uri} (served at {server.uri} while the sweep runs)",
+                  flush=True)
         if address is not None:
             wait_for_a_node_that_fits(spec.name, spec.resources.cpu, spec.resources.gpu, fit_wait)
         check_shared_storage(root)
@@ -489,6 +530,7 @@ def run_sweep(
         _shutdown_ray(ray_tmp)
         if server is not None:
             server.stop()
+        stop_reaper(reaper)  # last: it stops whatever the shutdown above left, then exits
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -519,6 +561,7 @@ def _shutdown_ray(tmp: str | None) -> None:
         ray.shutdown()
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
+
 
 
 def _summary(client, ctx: SweepContext, expected: list[str]) -> int:

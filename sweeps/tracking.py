@@ -18,6 +18,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from icl_core.config import ConfigError
 from icl_core.families import build_mixture
 
 TAG_SWEEP = "iclmix.sweep"
@@ -35,6 +36,21 @@ BATCH = 900  # log_batch takes at most 1000 metrics per request
 
 
 _KEY_MAP = str.maketrans({"(": ".", ")": "", "=": ":", ",": " ", "*": "x", "+": " "})
+
+
+def check_reachable(tracking_uri: str, timeout: float = 10.0) -> None:
+    """Fail fast on a tracking server that is down (MLflow's own client retries for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # it answers (a proxy or an auth layer may refuse /health): let MLflow talk to it
+    except (OSError, ValueError) as e:
+        raise ConfigError("--tracking-uri", f"cannot reach the MLflow server at {tracking_uri}: {e}") from None
 
 
 def mlflow_key(name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,26 @@ def test_trial_larger_than_this_machine_exits_2_before_launching(tmp_path, resou
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0] and "--address" in lines[0], lines
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--tracking-uri", "http://127.0.0.1:1"], "--tracking-uri"),
+    (["--address", "127.0.0.1:1"], "--address"),
+    (["--address", "ray://127.0.0.1:1"], "--address"),
+    (["--storage", "FILE"], "--storage"),
+    (["--storage", "FILE/under"], "--storage"),
+], ids=["tracking-uri", "address", "ray-client", "storage-file", "storage-under-file"])
+def test_unreachable_services_and_bad_places_fail_in_seconds_before_anything_starts(tmp_path, args, field):
+    (tmp_path / "a-file").write_text("not a folder")
+    args = [a.replace("FILE", str(tmp_path / "a-file")) for a in args]
+    store = [] if "--storage" in args else ["--storage", tmp_path / "store"]
+    start = time.monotonic()
+    r = run_cli("sweep", "run", write(tmp_path, sweep()), *args, *store)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"iclmix: error: {field}: "), lines
+    assert time.monotonic() - start < 30  # not Ray's minute of retries, nor MLflow's minutes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "sweep.yaml"]  # nothing written
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")

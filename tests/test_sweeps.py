@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,16 +127,19 @@ def test_driver_killed_mid_sweep_resumes_each_trial_once(tmp_path, mlflow_server
         time.sleep(0.2)
     time.sleep(1.0)
     family = psutil.Process(driver.pid).children(recursive=True)
+    temp_dirs = {m for p in family for m in re.findall(r"/tmp/iclray-[A-Za-z0-9_]+", _name(p))}
+    assert len(temp_dirs) == 1 and Path(temp_dirs.pop()).is_dir()
+    temp_dir = next(m for p in family for m in re.findall(r"/tmp/iclray-[A-Za-z0-9_]+", _name(p)))
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    # Ray's local runtime shares the driver's fate: no raylet, GCS or trial worker may keep training
-    # behind a rerun's back. (Its dashboard/runtime-env agents may linger a while; they hold no work.)
+    # Ray's local runtime shares the driver's fate: no raylet, GCS, trial worker, dashboard or runtime-env agent
+    # may outlive it (none may keep training behind a rerun's back), and its temp dir goes with it.
     _, alive = psutil.wait_procs(family, timeout=60)
     alive = [(p, _name(p)) for p in alive if _running(p)]  # a zombie is dead, merely not yet reaped
     for p, _ in alive:  # stop leftovers by PID
         p.kill()
-    working = [name for _, name in alive if any(w in name for w in ("raylet", "gcs_server", "run_trial", "Implicit"))]
-    assert not working, working
+    assert not alive, [name for _, name in alive]
+    assert not Path(temp_dir).exists()
     assert trial_runs(uri, "killme").status.eq("FINISHED").sum() < 3
 
     r = run_cli("sweep", "run", sweep, "--tracking-uri", uri, "--storage", store, timeout=900)
