@@ -184,9 +184,9 @@ def _check_spec(args: argparse.Namespace, tracking_uri: str | None):
         logged = sweep_file(args.sweep, tracking_uri)
         if logged is None:
             raise ConfigError("--file", f"no sweep file is logged with sweep {args.sweep!r}; pass --file")
-        import yaml
+        from icl_core.config import parse_yaml
 
-        source, data = f"{logged[0]} (logged with the sweep)", yaml.safe_load(logged[1])
+        source, data = f"{logged[0]} (logged with the sweep)", parse_yaml(logged[1])
     spec = validate_sweep(data, source)
     check = validate_checks(spec.checks)
     if check is None:

@@ -419,15 +419,24 @@ def read_frame(path: str | Path, sweep: str | None = None) -> pd.DataFrame:
     """A frame saved by `write_frame`, with the dtypes `load_sweep` gives."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("--frame", f"no such file: {path}")
-    frame = pd.read_csv(path, low_memory=False)
+        raise ConfigError("--frame", f"no such file: {path}" if not path.is_dir() else f"{path} is a folder")
+    try:
+        frame = pd.read_csv(path, low_memory=False)
+    except OSError as e:
+        raise ConfigError("--frame", f"cannot read {path} ({e.strerror or e})") from None
+    except (ValueError, EOFError, UnicodeDecodeError, pd.errors.ParserError) as e:  # bad gzip, binary, cut short
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("--frame", f"{path} is not a sweep frame saved by `analyze export` ({first})") from None
     missing = {"run_id", "mixture", "task", "k", "estimator", "error"} - set(frame.columns)
     if missing:
         raise ConfigError("--frame", f"{path} is not a sweep frame (no column {', '.join(sorted(missing))})")
     for col in frame.columns:
         if col.startswith("weight:"):
-            frame[col] = frame[col].fillna(0.0).astype(float)
-    frame["k"] = frame["k"].astype(int)
+            frame[col] = pd.to_numeric(frame[col], errors="coerce").fillna(0.0)
+    ks = pd.to_numeric(frame["k"], errors="coerce")
+    if ks.isna().any() or not pd.to_numeric(frame["error"], errors="coerce").notna().eq(frame["error"].notna()).all():
+        raise ConfigError("--frame", f"{path} is not a sweep frame (non-numeric k or error values)")
+    frame["k"] = ks.astype(int)
     frame["in_support"] = frame["in_support"].astype(str).str.lower().eq("true")
     frame.attrs.update(sweep=sweep or path.name.split(".")[0], tracking_uri=None, parent_run_id=None)
     return frame

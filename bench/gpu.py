@@ -153,7 +153,7 @@ def train_loop(size: str, device: torch.device, steps: int, warmup: int, compile
     cfg = validate_run_config({
         "data": {"dim": DIM, "n_points": POINTS, "mixture": [{"family": "linear", "weight": 1.0}]},
         "model": SIZES[size],
-        "train": {"steps": warmup + steps, "batch_size": BATCH, "log_every": warmup, "checkpoint_every": 10**9,
+        "train": {"steps": warmup + steps, "batch_size": BATCH, "log_every": warmup, "checkpoint_every": warmup + steps,
                   "device": device.type, "compile": compile_, "cuda_graph": cuda_graph},
     })
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as d:

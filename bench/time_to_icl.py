@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from icl_core.config import ConfigError, parse_override, set_dotted, validate_run_config
+from icl_core.config import ConfigError, parse_override, parse_yaml, set_dotted, validate_run_config
 from icl_core.evaluate import estimator_predictors, evaluate_predictors, task_seed
 from icl_core.families import build_mixture, sample_prompts
 from icl_core.train import load_model, train
@@ -64,7 +63,7 @@ COMPARATORS: dict[str, dict[str, Any]] = {
 
 def shipped_recipe() -> dict[str, Any]:
     """The `model` and `train` sections the CPU twins ship."""
-    base = yaml.safe_load(SHIPPED.read_text())["base"]
+    base = parse_yaml(SHIPPED.read_text())["base"]
     return {"model": base["model"], "train": base["train"]}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .config import ConfigError, load_run_config, read_yaml
+from .config import ConfigError, check_writable_folder, load_run_config, read_yaml
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError("--out", f"{out} exists and is not a directory")
+    check_writable_folder(out, "--out")
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     print(f"trained {result.step} steps, final loss {result.final_loss:.4f}")
     if cfg.eval is not None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import re
 from collections.abc import Iterable, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,8 +31,16 @@ class ConfigError(ValueError):
         self.message = message
 
 
+# Limits with reasons (README, "Limits"): far above any run this project makes, low enough that a typo fails here
+# with its field named rather than late, in an allocation or an overflow.
+MAX_SEED = 2**32 - 1  # numpy's and every seeded library's range
+MAX_STEPS = 10**8  # 200 x the paper's 500 k steps
+MAX_TRIAL_GIB = 64.0  # the estimated memory of one trial: model and Adam state, activations, the prompt batch
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `steps: true` or `steps: "50"` is an error, not 1 step or a silent coercion
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class CurriculumAxis(_Strict):
@@ -38,7 +49,13 @@ class CurriculumAxis(_Strict):
     start: int = Field(ge=1)
     end: int = Field(ge=1)
     inc: int = Field(ge=0)
-    interval: int = Field(ge=1)
+    interval: int = Field(ge=1, le=MAX_STEPS)
+
+    @model_validator(mode="after")
+    def _start_to_end(self) -> CurriculumAxis:
+        if self.start > self.end:
+            raise _FieldError("start", f"start={self.start} is past end={self.end}: a curriculum grows")
+        return self
 
     def at(self, step: int) -> int:
         return min(self.end, self.start + self.inc * (step // self.interval))
@@ -79,7 +96,7 @@ class DataConfig(_Strict):
             raise _FieldError("curriculum.points.end", f"{c.points.end} exceeds n_points={self.n_points}")
         return self
 
-    @property
+    @cached_property
     def family(self) -> Mixture:
         return build_mixture(self.mixture)
 
@@ -111,22 +128,41 @@ class ModelConfigSpec(_Strict):
 class TrainConfig(_Strict):
     """Adam(W) training; defaults are Garg et al.'s (lr 1e-4 constant, batch 64, 500k steps)."""
 
-    steps: int = Field(500_000, ge=1)
+    steps: int = Field(500_000, ge=1, le=MAX_STEPS)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-4, gt=0.0, allow_inf_nan=False)
     schedule: Literal["constant", "cosine", "wsd"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    decay_steps: int = Field(0, ge=0)  # wsd only: the last steps, where lr falls linearly to lr x min_lr_ratio
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    decay_steps: int = Field(0, ge=0, le=MAX_STEPS)  # wsd only: the last steps, lr falling linearly to the floor
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, ge=0.0)  # 0 disables; Garg et al. did not clip, clipping only guards spikes
-    checkpoint_every: int = Field(1000, ge=1)
-    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(1000, ge=1, le=MAX_STEPS)
+    log_every: int = Field(10, ge=1, le=MAX_STEPS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     cuda_graph: bool = False  # on CUDA, replay the whole step from a CUDA graph (icl_core.cuda_graph); eager on CPU
     batch_threads: int = Field(1, ge=1)  # on CPU, split each batch over this many threads (icl_core.threaded_step)
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_pair(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v  # YAML has lists, not tuples
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        for i, b in enumerate(v):
+            if not 0.0 <= b < 1.0:
+                raise _FieldError(f"[{i}]", f"Adam's betas are in [0, 1), got {b!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainConfig:
+        if self.warmup_steps > self.steps:
+            raise _FieldError("warmup_steps", f"{self.warmup_steps} warm-up steps in a run of {self.steps}")
+        return self
 
     @model_validator(mode="after")
     def _decay_fits(self) -> TrainConfig:
@@ -157,8 +193,8 @@ ESTIMATORS = ("model", "zero", "averaging", "ols", "ridge", "lasso", "knn", "bay
 class EvalConfig(_Strict):
     """Evaluation after training: the same prompts for the model and every estimator (Garg: 1280 prompts)."""
 
-    n_prompts: int = Field(1280, ge=2)
-    seed: int = 12345
+    n_prompts: int = Field(1280, ge=2, le=10**7)
+    seed: int = Field(12345, ge=0, le=MAX_SEED)
     n_points: int | None = Field(None, ge=1)  # default: data.n_points
     tasks: list[dict[str, Any]] = Field(default_factory=list)  # empty: each pretraining component
     estimators: list[str] = Field(default_factory=lambda: list(ESTIMATORS))
@@ -185,6 +221,38 @@ class EvalConfig(_Strict):
         return v
 
 
+# The sizes behind each part of the memory estimate, each with its paper-scale value (Garg et al.).
+_MEMORY_INPUTS: dict[str, tuple[tuple[str, float], ...]] = {
+    "model and Adam state": (("model.n_layer", 12), ("model.n_embd", 256), ("data.dim", 20), ("data.n_points", 41)),
+    "activations": (("train.batch_size", 64), ("data.n_points", 41), ("model.n_layer", 12), ("model.n_embd", 256),
+                    ("model.n_head", 8)),
+    "prompt batch": (("train.batch_size", 64), ("data.dim", 20), ("data.n_points", 41), ("data.mixture", 20)),
+}
+
+
+def _memory_culprit(cfg: RunConfig, part: str) -> str:
+    """The field to name for an oversized part: its input furthest above paper scale."""
+
+    def value(name: str) -> float:
+        if name == "data.mixture":  # the floats behind one sampled function (a ReLU net's hidden units)
+            return cfg.data.family.floats_per_prompt(cfg.data.dim, cfg.data.n_points)
+        section, key = name.split(".")
+        return getattr(getattr(cfg, section), key)
+
+    return max(_MEMORY_INPUTS[part], key=lambda item: value(item[0]) / item[1])[0]
+
+
+def memory_estimate(cfg: RunConfig) -> dict[str, float]:
+    """Bytes one training step holds, by part: fp32 weights, gradients and Adam's two moments; activations kept
+    for the backward pass (Korthikanti et al. 2022, doubled for fp32); the prompts and the functions behind them."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    tokens = 2 * d.n_points
+    params = m.n_layer * (12 * m.n_embd**2 + 13 * m.n_embd) + m.n_embd * (d.dim + 2 + tokens)
+    activations = m.n_layer * 2 * tokens * t.batch_size * (34 * m.n_embd + 5 * m.n_head * tokens)
+    prompts = t.batch_size * (2 * d.n_points * (d.dim + 1) + d.family.floats_per_prompt(d.dim, d.n_points))
+    return {"model and Adam state": 16.0 * params, "activations": float(activations), "prompt batch": 4.0 * prompts}
+
+
 def task_family(spec: Any) -> Family:
     """An eval task: a family spec, or a list of weighted specs for a mixture prior."""
     if isinstance(spec, list):
@@ -195,11 +263,22 @@ def task_family(spec: Any) -> Family:
 class RunConfig(_Strict):
     """One training run: seed, data, model, train and an optional eval section."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfigSpec = Field(default_factory=ModelConfigSpec)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig | None = None
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> RunConfig:
+        parts = memory_estimate(self)
+        total = sum(parts.values())
+        if total > MAX_TRIAL_GIB * 2**30:
+            biggest = max(parts, key=parts.__getitem__)
+            what = ", ".join(f"{k} {v / 2**30:.3g}" for k, v in parts.items())
+            raise _FieldError(_memory_culprit(self, biggest), f"a trial would need about {total / 2**30:.3g} GiB "
+                              f"({what}), over the {MAX_TRIAL_GIB:g} GiB limit per trial")
+        return self
 
     @model_validator(mode="after")
     def _check_eval(self) -> RunConfig:
@@ -281,7 +360,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError("--set", f"expected dotted.key=value, got {item!r}")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = parse_yaml(raw)
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -303,25 +382,71 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that `3e-4` is a float (as in YAML 1.2, not a string) and a key written twice
+    in one mapping is an error (not the last one silently winning)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key != "<<" and isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key) if isinstance(key, str | int | float | bool) else None
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as plain data, read by the one loader every config, sweep file and `--set` goes through."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file, turning a missing or malformed file into a ConfigError."""
+    """Read a YAML file, turning a missing, unreadable, binary or malformed file into a one-line ConfigError."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(str(path), "is a folder, not a YAML file")
     if not p.is_file():
         raise ConfigError(str(path), "no such file")
     try:
-        return yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "not a UTF-8 text file (a binary file?)") from None
+    try:
+        return parse_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "malformed YAML"
         raise ConfigError(str(path), f"{problem}{where}") from None
+    except RecursionError:
+        raise ConfigError(str(path), "nested too deeply") from None
+
+
+def check_writable_folder(path: Path, field_name: str) -> None:
+    """`path` is a folder, or can be made one, that this process may write to."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(field_name, f"{existing} is a file, not a folder: pass a folder for {path}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(field_name, f"cannot write to {existing} (permission denied): pass a folder you can write")
 
 
 def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
     """Load a YAML run config and apply ``--set dotted.key=value`` overrides."""
     data = read_yaml(path)
-    if data is None:
-        data = {}
+    if data is None or data == {}:
+        raise ConfigError(str(path), "is empty: a run config names at least its data, model and train sections "
+                          "(configs/example.yaml is one to start from)")
     if not isinstance(data, dict):
         raise ConfigError(str(path), "a run config must be a YAML mapping")
     data = copy.deepcopy(data)

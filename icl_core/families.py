@@ -9,10 +9,12 @@ first `active_dim` coordinates of x (Garg et al.'s curriculum zeroes the others)
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -47,10 +49,14 @@ class Family(ABC):
     def check(self, dim: int) -> None:  # noqa: B027 (a hook: most families fit any dim)
         """Raise FamilyError if the family cannot be used at input dimension `dim`."""
 
+    def floats_per_prompt(self, dim: int, n_points: int) -> int:
+        """Floats one sampled function holds while a prompt is made (its weights, its hidden units)."""
+        return dim
+
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
-    @property
+    @cached_property  # ids name results everywhere: built once per family
     def canonical_id(self) -> str:
         items = [f"{k}={_id_value(v)}" for k, v in self.params().items()]
         return f"{self.name}({','.join(items)})" if items else self.name
@@ -212,6 +218,9 @@ class ReluNet(Family):
         if not isinstance(self.hidden, int) or isinstance(self.hidden, bool) or self.hidden < 1:
             raise FamilyError("hidden", f"must be a positive integer, got {self.hidden!r}")
 
+    def floats_per_prompt(self, dim, n_points):
+        return self.hidden * (dim + 1 + n_points)
+
     def sample(self, n, dim, generator, active_dim=None):
         a = _active(dim, active_dim)
         w1 = torch.zeros(n, self.hidden, dim, device=_device(generator))
@@ -253,6 +262,9 @@ class Convex(Family):
                 getattr(self, field).check(dim)
             except FamilyError as e:
                 raise FamilyError(f"{field}.{e.field}", e.message) from None
+
+    def floats_per_prompt(self, dim, n_points):
+        return self.a.floats_per_prompt(dim, n_points) + self.b.floats_per_prompt(dim, n_points)
 
     def sample(self, n, dim, generator, active_dim=None):
         fa = self.a.sample(n, dim, generator, active_dim)
@@ -298,6 +310,9 @@ class Mixture(Family):
         if len(set(ids)) != len(ids):
             raise FamilyError("family", f"a family appears twice in the mixture: {ids}")
 
+    def floats_per_prompt(self, dim, n_points):
+        return max(c.floats_per_prompt(dim, n_points) for c in self.components)
+
     def check(self, dim):
         for i, c in enumerate(self.components):
             try:
@@ -305,7 +320,7 @@ class Mixture(Family):
             except FamilyError as e:
                 raise FamilyError(f"[{i}].{e.field}", e.message) from None
 
-    @property
+    @cached_property
     def canonical_id(self) -> str:
         return "mixture(" + "+".join(f"{w!r}*{c.canonical_id}" for c, w in self.items()) + ")"
 
@@ -369,6 +384,22 @@ def build_mixture(entries: list[Mapping[str, Any]]) -> Mixture:
 
     Weights may all be omitted (equal weights); otherwise every entry needs one.
     """
+    try:  # families are immutable: a sweep's thousands of configs share a few mixtures, each built once
+        key = json.dumps(entries, sort_keys=True)
+    except (TypeError, ValueError):  # e.g. Family objects as entries
+        return _build_mixture(entries)
+    mixture = _MIXTURES.get(key)
+    if mixture is None:
+        mixture = _build_mixture(entries)
+        if len(_MIXTURES) < 10_000:
+            _MIXTURES[key] = mixture
+    return mixture
+
+
+_MIXTURES: dict[str, Mixture] = {}
+
+
+def _build_mixture(entries: list[Mapping[str, Any]]) -> Mixture:
     if not isinstance(entries, (list, tuple)) or not entries:
         raise FamilyError("mixture", "must be a non-empty list of families with weights")
     weights: list[float | None] = []

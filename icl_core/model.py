@@ -191,13 +191,18 @@ class ICLTransformer(nn.Module):
             self.train(was_training)
 
     def flops_per_step(self, n_points: int, batch_size: int) -> float:
-        """Model FLOPs of one training step (forward + backward = 3x forward), as in the PaLM/nanoGPT estimate.
+        """Model FLOPs of one training step (`step_flops` of this model's config)."""
+        return step_flops(self.cfg, n_points, batch_size)
 
-        Counts what forward computes: T = 2n - 1 tokens through every block but the last, whose q, k, v run
-        at all T tokens and the rest at the n x positions; causal attention does half the T x T work.
-        """
-        n, T = n_points, 2 * n_points - 1
-        C, L = self.cfg.n_embd, self.cfg.n_layer
-        linear = (L - 1) * 12 * C * C * T + 3 * C * C * T + 9 * C * C * n + self.cfg.token_dim * C * T + C * n
-        attention = (L - 1) * 2 * T * T * C + 2 * n * T * C
-        return 3.0 * (2 * linear + attention) * batch_size
+
+def step_flops(cfg: ModelConfig, n_points: int, batch_size: int) -> float:
+    """Model FLOPs of one training step (forward + backward = 3x forward), as in the PaLM/nanoGPT estimate.
+
+    Counts what forward computes: T = 2n - 1 tokens through every block but the last, whose q, k, v run
+    at all T tokens and the rest at the n x positions; causal attention does half the T x T work.
+    """
+    n, T = n_points, 2 * n_points - 1
+    C, L = cfg.n_embd, cfg.n_layer
+    linear = (L - 1) * 12 * C * C * T + 3 * C * C * T + 9 * C * C * n + cfg.token_dim * C * T + C * n
+    attention = (L - 1) * 2 * T * T * C + 2 * n * T * C
+    return 3.0 * (2 * linear + attention) * batch_size

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from icl_core.config import ConfigError
+from icl_core.config import ConfigError, check_writable_folder
 
 from . import tracking as tr
 from .reaper import start_reaper, stop_reaper
@@ -320,17 +320,6 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
     except OSError as e:
         raise ConfigError("--address", f"cannot reach a Ray cluster at {address} ({e.strerror or e}); start it "
                           "(`ray up cluster.yaml`) or check the address") from None
-
-
-def check_writable_folder(path: Path, field_name: str) -> None:
-    """`path` is a folder, or can be made one, that this process may write to."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(field_name, f"{existing} is a file, not a folder: pass a folder for {path}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(field_name, f"cannot write to {existing} (permission denied): pass a folder you can write")
 
 
 def local_cpus() -> int:

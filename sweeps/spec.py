@@ -13,13 +13,15 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from icl_core.config import (
     ESTIMATORS,
+    MAX_SEED,
     ConfigError,
     RunConfig,
     _FieldError,
@@ -33,9 +35,11 @@ from icl_core.families import FamilyError, build_family
 
 from .findings import CheckError, validate_checks
 
+MAX_TRIALS = 10_000  # per sweep file, counted before anything is expanded (README, "Limits")
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # `cpu: "2"` is an error, not coerced
 
 
 class SearchParam(_Strict):
@@ -45,6 +49,11 @@ class SearchParam(_Strict):
     uniform: tuple[float, float] | None = None
     int: tuple[int, int] | None = None
     choice: list[Any] | None = None
+
+    @field_validator("loguniform", "uniform", "int", mode="before")
+    @classmethod
+    def _bounds_pair(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v  # YAML has lists, not tuples
 
     def kind(self) -> tuple[str, Any]:
         given = [(k, v) for k, v in self.model_dump().items() if v is not None]
@@ -64,7 +73,7 @@ class TuneSpec(_Strict):
     """Optuna search inside each grid cell for nuisance parameters (e.g. the learning rate)."""
 
     params: dict[str, SearchParam]
-    trials_per_cell: int = Field(4, ge=1)
+    trials_per_cell: int = Field(4, ge=1, le=MAX_TRIALS)
     metric: str = "eval_loss"
     mode: Literal["min", "max"] = "min"
 
@@ -84,18 +93,19 @@ class TuneSpec(_Strict):
 class Resources(_Strict):
     """Per-trial resources; a fractional gpu packs several trials on one GPU."""
 
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
+    cpu: float = Field(1.0, gt=0, le=4096, allow_inf_nan=False)
+    gpu: float = Field(0.0, ge=0, le=1024, allow_inf_nan=False)
 
 
 class SweepSpec(_Strict):
     name: str
     base: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, Any] = Field(default_factory=dict)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=lambda: [0], min_length=1,
+                                                                   max_length=MAX_TRIALS)
     tune: TuneSpec | None = None
     resources: Resources = Field(default_factory=Resources)
-    max_failures: int = Field(2, ge=0)  # Ray retries of a crashed trial, each from its last checkpoint
+    max_failures: int = Field(2, ge=0, le=100)  # Ray retries of a crashed trial, each from its last checkpoint
     checks: dict[str, Any] = Field(default_factory=dict)  # thresholds for `iclmix analyze check`
 
     @field_validator("name")
@@ -128,11 +138,11 @@ class Cell:
 
     overrides: tuple[tuple[str, Any], ...]
 
-    @property
+    @cached_property
     def id(self) -> str:
         return config_hash({k: v for k, v in self.overrides})[:10]
 
-    @property
+    @cached_property
     def label(self) -> str:
         return ", ".join(f"{k}={_label(v)}" for k, v in self.overrides) or "base"
 
@@ -164,11 +174,21 @@ def _label(v: Any) -> str:
 
 def simplex_points(n_components: int, steps: int) -> list[tuple[Fraction, ...]]:
     """All weight vectors with entries in {0, 1/steps, ..., 1} summing to 1 (a lattice on the simplex)."""
-    out = []
-    for combo in itertools.product(range(steps + 1), repeat=n_components):
-        if sum(combo) == steps:
-            out.append(tuple(Fraction(c, steps) for c in combo))
-    return sorted(out, reverse=True)
+
+    def compositions(n: int, total: int) -> Iterator[tuple[int, ...]]:
+        if n == 1:
+            yield (total,)
+            return
+        for first in range(total, -1, -1):
+            for rest in compositions(n - 1, total - first):
+                yield (first, *rest)
+
+    return sorted((tuple(Fraction(c, steps) for c in combo) for combo in compositions(n_components, steps)),
+                  reverse=True)
+
+
+def simplex_size(n_components: int, steps: int) -> int:
+    return math.comb(steps + n_components - 1, n_components - 1)
 
 
 def expand_simplex(spec: Any, where: str) -> list[list[dict[str, Any]]]:
@@ -181,6 +201,9 @@ def expand_simplex(spec: Any, where: str) -> list[list[dict[str, Any]]]:
         raise ConfigError(f"{where}.simplex.components", "needs a list of at least two family specs")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"{where}.simplex.steps", f"must be a positive integer, got {steps!r}")
+    if simplex_size(len(comps), steps) > MAX_TRIALS:
+        raise ConfigError(f"{where}.simplex.steps", f"{simplex_size(len(comps), steps)} mixtures, over the cap of "
+                          f"{MAX_TRIALS} trials per sweep: fewer steps or components")
     specs = []
     for i, c in enumerate(comps):
         try:
@@ -205,6 +228,10 @@ def axis_values(key: str, values: Any) -> list[Any]:
 def iter_cells(spec: SweepSpec) -> Iterator[Cell]:
     keys = list(spec.grid)
     axes = [axis_values(k, spec.grid[k]) for k in keys]
+    total = math.prod(len(a) for a in axes) * len(spec.seeds) * (spec.tune.trials_per_cell if spec.tune else 1)
+    if total > MAX_TRIALS:
+        raise ConfigError("grid", f"{total} trials (cells x seeds x Optuna samples), over the cap of {MAX_TRIALS} "
+                          "per sweep: split the sweep or coarsen the grid")
     for combo in itertools.product(*axes):
         yield Cell(tuple(zip(keys, combo)))
 
@@ -269,6 +296,7 @@ def tune_metrics(trials: list[Trial]) -> list[str]:
 
 def check_names(spec: SweepSpec, trials: list[Trial]) -> None:
     """Names in `checks` and `tune.metric` must be ones this sweep produces: a typo would only fail after it ran."""
+    trials = list({t.cell.id: t for t in trials}.values())  # the seeds of a cell share its names
     tasks = {f.canonical_id for t in trials for f in t.config.eval_tasks()}
     mixtures = {t.config.data.family.canonical_id for t in trials}
     families = {c.canonical_id for t in trials for c in t.config.data.family.components}
@@ -300,14 +328,10 @@ def trial_count(spec: SweepSpec, trials: list[Trial]) -> int:
 
 def flops_per_trial(cfg: RunConfig) -> float:
     """Model FLOPs of a whole training run (forward + backward, every step at the full prompt length)."""
-    import torch
-
-    from icl_core.model import ICLTransformer
+    from icl_core.model import step_flops
     from icl_core.train import model_config
 
-    with torch.device("meta"):
-        model = ICLTransformer(model_config(cfg))
-    return model.flops_per_step(cfg.data.n_points, cfg.train.batch_size) * cfg.train.steps
+    return step_flops(model_config(cfg), cfg.data.n_points, cfg.train.batch_size) * cfg.train.steps
 
 
 def plan_text(spec: SweepSpec, trials: list[Trial]) -> str:

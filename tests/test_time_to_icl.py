@@ -16,7 +16,8 @@ if str(ROOT) not in sys.path:  # `bench` is a top-level folder, not an installed
 from bench import time_to_icl as tti  # noqa: E402
 from icl_core.config import validate_run_config  # noqa: E402
 
-TINY = "tiny:model.n_layer=1;model.n_head=2;model.n_embd=16;train.steps=40;train.batch_size=16;train.lr=1.0e-3"
+TINY = ("tiny:model.n_layer=1;model.n_head=2;model.n_embd=16;train.steps=40;train.warmup_steps=10;"
+        "train.batch_size=16;train.lr=1.0e-3")
 
 
 def test_held_out_prompts_are_the_same_for_every_recipe_and_task():
