@@ -212,3 +212,39 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_run_resumes(tmp_path)
     r = run_cli("train", tmp_path / "c.yaml", "--out", run, "--resume", "--no-progress")
     assert r.returncode == 0 and "trained 20 steps" in r.stdout, r.stderr
     assert load_checkpoint(run / CHECKPOINT)["step"] == 20
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 4 MiB tmpfs: a real file system that fills up (skipped only where this machine forbids mounting)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_file_system_during_a_checkpoint_is_one_line_and_the_run_resumes(tmp_path, small_tmpfs):
+    run, cfg20 = small_tmpfs / "run", validate_run_config(tiny())
+    train(validate_run_config(tiny(steps=10)), run, progress=False)
+    ckpt = load_checkpoint(run / CHECKPOINT)
+    ckpt["config"], ckpt["config_hash"] = cfg20.to_dict(), cfg20.config_hash  # as if the 20-step run was cut
+    atomic_torch_save(ckpt, run / CHECKPOINT)
+    saved = (run / CHECKPOINT).read_bytes()
+    free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
+    filler = small_tmpfs / "filler"
+    filler.write_bytes(b"\0" * (free - len(saved) // 2))  # room for the metrics, not for another checkpoint
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny()))
+    r = run_cli("train", tmp_path / "c.yaml", "--out", run, "--resume", "--no-progress")
+    line = one_line_error(r, run / CHECKPOINT)
+    assert "cannot write" in line and "No space left" in line and "--resume" in line
+    assert sorted(os.listdir(run)) == sorted([CHECKPOINT, CONFIG, "metrics.csv"])  # no temp file
+    assert (run / CHECKPOINT).read_bytes() == saved and load_checkpoint(run / CHECKPOINT)["step"] == 10
+    filler.unlink()  # space freed: the same command finishes the run
+    r = run_cli("train", tmp_path / "c.yaml", "--out", run, "--resume", "--no-progress")
+    assert r.returncode == 0 and "trained 20 steps" in r.stdout, r.stderr
+    assert load_checkpoint(run / CHECKPOINT)["step"] == 20
