@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from icl_core.config import ConfigError
+from icl_core.config import ConfigError, check_writable_folder
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -118,6 +118,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     from . import figures
     from .maps import coverage_map, default_reference
 
+    check_writable_folder(Path(args.out), "--out")  # before minutes of loading
     frame = _load(args)
     where = _where(args.where)
     ref = _reference(args.relative_to)
@@ -138,6 +139,7 @@ def cmd_curves(args: argparse.Namespace) -> int:
     from .maps import apply_where, coverage_values, default_axes, icl_curves, select_value
     from .report import task_support
 
+    check_writable_folder(Path(args.out), "--out")  # before minutes of loading
     frame = apply_where(_load(args), _where(args.where))
     coverage = args.coverage or default_axes(frame)[0]
     values = [args.value] if args.value is not None else coverage_values(frame, coverage)
@@ -160,6 +162,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .load import sweep_file
     from .report import write_report
 
+    check_writable_folder(Path(args.out), "--out")  # before minutes of loading
     frame = _load(args)
     page = write_report(frame, args.out, coverage=args.coverage, test_axis=args.test_axis, k=args.k,
                         relative_to=_reference(args.relative_to), mode=args.mode, where=_where(args.where),
@@ -197,6 +200,8 @@ def _check_spec(args: argparse.Namespace, tracking_uri: str | None):
 def cmd_check(args: argparse.Namespace) -> int:
     from .checks import run_check
 
+    if args.out:
+        check_writable_folder(Path(args.out), "--out")
     if args.frame:
         from .load import read_frame
 
@@ -219,6 +224,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .load import write_frame
 
+    if Path(args.out).is_dir():
+        raise ConfigError("--out", f"{args.out} is a folder: pass a file name such as FRAME.csv.gz")
+    check_writable_folder(Path(args.out).parent, "--out")
     frame = _load(args)
     path = write_frame(frame, args.out)
     print(f"{path}: {frame['run_id'].nunique()} trials, {len(frame)} rows")

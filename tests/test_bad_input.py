@@ -169,6 +169,19 @@ def test_bad_output_places(tmp_path, capsys):
     assert (tmp_path / "a-file").read_text() == "x"
 
 
+def test_bad_analysis_outputs(tmp_path, capsys):
+    # Checked before a frame is read: minutes of loading must not end in a traceback about --out.
+    (tmp_path / "a-file").write_text("x")
+    frame = Path(__file__).parent / "fixtures" / "quickstart.csv.gz"
+    quickstart = Path(__file__).parents[1] / "sweeps" / "quickstart.yaml"
+    for argv in (["check", "--sweep", "q", "--frame", frame, "--file", quickstart, "--out", tmp_path / "a-file"],
+                 ["heatmap", "--sweep", "q", "--tracking-uri", "sqlite:///nope.db", "--out", tmp_path / "a-file" / "x"],
+                 ["export", "--sweep", "q", "--tracking-uri", "sqlite:///nope.db", "--out", tmp_path]):
+        code, err = run_main(capsys, "analyze", *argv)
+        assert_one_line(code, err, "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 SWEEPS = [
     ("simplex-huge", sweep(grid={"data.mixture": {"simplex": {"components": [{"family": "linear"},
                       {"family": "sparse_linear", "nnz": 1}], "steps": 1_000_000}}}),
