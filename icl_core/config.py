@@ -230,6 +230,17 @@ _MEMORY_INPUTS: dict[str, tuple[tuple[str, float], ...]] = {
 }
 
 
+def memory_problem(cfg: RunConfig, limit_bytes: float, limit: str) -> tuple[str, str] | None:
+    """(field, message) when the memory estimate of `cfg` is over `limit_bytes`, described as `limit`."""
+    parts = memory_estimate(cfg)
+    total = sum(parts.values())
+    if total <= limit_bytes:
+        return None
+    what = ", ".join(f"{k} {v / 2**30:.3g}" for k, v in parts.items())
+    field = _memory_culprit(cfg, max(parts, key=parts.__getitem__))
+    return field, f"a trial would need about {total / 2**30:.3g} GiB ({what}), over {limit}"
+
+
 def _memory_culprit(cfg: RunConfig, part: str) -> str:
     """The field to name for an oversized part: its input furthest above paper scale."""
 
@@ -271,13 +282,9 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _fits_in_memory(self) -> RunConfig:
-        parts = memory_estimate(self)
-        total = sum(parts.values())
-        if total > MAX_TRIAL_GIB * 2**30:
-            biggest = max(parts, key=parts.__getitem__)
-            what = ", ".join(f"{k} {v / 2**30:.3g}" for k, v in parts.items())
-            raise _FieldError(_memory_culprit(self, biggest), f"a trial would need about {total / 2**30:.3g} GiB "
-                              f"({what}), over the {MAX_TRIAL_GIB:g} GiB limit per trial")
+        problem = memory_problem(self, MAX_TRIAL_GIB * 2**30, f"the {MAX_TRIAL_GIB:g} GiB limit per trial")
+        if problem:
+            raise _FieldError(*problem)
         return self
 
     @model_validator(mode="after")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from icl_core.config import ConfigError, check_writable_folder
+from icl_core.config import ConfigError, check_writable_folder, memory_estimate, memory_problem
 
 from . import tracking as tr
 from .reaper import start_reaper, stop_reaper
@@ -330,10 +330,18 @@ def local_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def check_local_fit(cpu: float, gpu: float) -> None:
-    """The private local runtime has only this machine's CPUs and GPUs: a trial asking for more would wait
-    forever. (A cluster may still bring bigger nodes up, so `--address` waits for one instead.)"""
+def check_local_fit(cpu: float, gpu: float, trials: list[Trial]) -> None:
+    """The private local runtime has only this machine's CPUs, GPUs and memory: a trial asking for more would
+    wait forever or die in an allocation. (A cluster may bring bigger nodes up: `--address` waits for one.)"""
+    import psutil
     import torch
+
+    if gpu == 0 and trials:  # a CPU trial holds its whole estimate in this machine's memory
+        ram = psutil.virtual_memory().total
+        largest = max(trials, key=lambda t: sum(memory_estimate(t.config).values()))
+        problem = memory_problem(largest.config, ram, f"this machine's {ram / 2**30:.3g} GiB")
+        if problem:
+            raise ConfigError(f"grid cell [{largest.cell.label}]: {problem[0]}", problem[1])
 
     cpus, gpus = local_cpus(), torch.cuda.device_count()
     if cpu > cpus:
@@ -457,7 +465,7 @@ def run_sweep(
         address = "auto"  # submitted with `ray job submit`
     # Everything a sweep needs from outside is checked here, in seconds, before Ray starts or a file is written.
     if address is None:
-        check_local_fit(spec.resources.cpu, spec.resources.gpu)
+        check_local_fit(spec.resources.cpu, spec.resources.gpu, trials)
     else:
         fit_wait = fit_timeout()
         check_ray_address(address)

@@ -156,6 +156,26 @@ def test_trial_larger_than_this_machine_exits_2_before_launching(tmp_path, resou
     assert not (tmp_path / "store").exists()
 
 
+def test_trial_larger_than_this_machines_memory_exits_2_before_launching(tmp_path):
+    import psutil
+
+    from icl_core.config import MAX_TRIAL_GIB, memory_estimate, validate_run_config
+
+    ram = psutil.virtual_memory().total
+    if ram > 0.9 * MAX_TRIAL_GIB * 2**30:
+        pytest.skip("this machine has about as much memory as the per-trial limit allows")
+    batch = 32
+    while sum(memory_estimate(validate_run_config({**BASE, "train": {**BASE["train"], "batch_size": batch}}))
+              .values()) < 1.1 * ram:
+        batch *= 2
+    spec = {"name": "big", "base": {**BASE, "train": {**BASE["train"], "batch_size": batch}}}
+    r = run_cli("sweep", "run", write(tmp_path, spec), "--storage", tmp_path / "store")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.batch_size" in lines[0] and "this machine's" in lines[0], lines
+    assert not (tmp_path / "store").exists()
+
+
 @pytest.mark.parametrize("args, field", [
     (["--tracking-uri", "http://127.0.0.1:1"], "--tracking-uri"),
     (["--address", "127.0.0.1:1"], "--address"),
