@@ -79,7 +79,7 @@ def _where(items: list[str]) -> dict[str, str]:
 
 
 def _load(args: argparse.Namespace):
-    from .load import default_tracking_uri, load_sweep
+    from .load import default_tracking_uri, load_sweep, tracking_uri_from_env
 
     if getattr(args, "dpi", None) is not None:
         if not 20 <= args.dpi <= 600:
@@ -88,7 +88,7 @@ def _load(args: argparse.Namespace):
 
         figures.DPI = args.dpi
 
-    uri = args.tracking_uri or default_tracking_uri(args.sweep)
+    uri = tracking_uri_from_env(args.tracking_uri) or default_tracking_uri(args.sweep)
     if args.workers < 1:
         raise ConfigError("--workers", f"must be >= 1, got {args.workers}")
     return load_sweep(args.sweep, uri, cache_dir=args.cache, workers=args.workers)

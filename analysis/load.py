@@ -25,7 +25,7 @@ import yaml
 
 from icl_core.config import ESTIMATORS, ConfigError, task_family
 from icl_core.families import Family, Mixture, build_mixture
-from sweeps.tracking import check_reachable, search_all  # MLflow + icl_core only: no Ray
+from sweeps.tracking import check_reachable, search_all, tracking_uri_from_env  # MLflow + icl_core only: no Ray
 
 from .coverage import coverage_descriptors, in_support, parse_family_id, task_axes
 
@@ -294,7 +294,7 @@ def load_sweep(
     Artifacts on a local path are read in place (`local_direct`); other stores are downloaded by
     `workers` threads into `cache_dir` (default ~/.cache/iclmix/artifacts), keyed by run id and end time.
     """
-    uri = tracking_uri or default_tracking_uri(name)
+    uri = tracking_uri_from_env(tracking_uri) or default_tracking_uri(name)
     client = _client(uri)
     exp_id = find_experiment(client, name, uri)
     runs = sweep_runs(client, exp_id, name, "trial")

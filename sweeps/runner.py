@@ -26,7 +26,7 @@ from icl_core.config import ConfigError, check_writable_folder, memory_estimate,
 
 from . import tracking as tr
 from .reaper import start_reaper, stop_reaper
-from .spec import SweepSpec, Trial, load_sweep, resolve, trial_count
+from .spec import SweepSpec, Trial, axis_values, load_sweep, resolve, trial_count
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET_ENV = {
@@ -51,6 +51,7 @@ class SweepContext:
     git_commit: str
     failed: dict[str, str] = field(default_factory=dict)  # hash -> reason
     failed_cells: dict[str, str] = field(default_factory=dict)  # cell label -> why its Optuna search failed
+    families: list[str] = field(default_factory=list)  # every family of the sweep's mixtures (weights logged)
 
 
 def _is_uri(path: str) -> bool:
@@ -71,11 +72,21 @@ def local_state_dir(spec: SweepSpec) -> Path:
     return path.resolve()
 
 
+def run_name(trial: Trial, search: dict[str, Any] | None = None) -> str:
+    """The trial's MLflow run name: what it is, e.g. `linear=0.75, sparse_linear(nnz=1)=0.25 · s0`."""
+    name = f"{trial.cell.short_label} · s{trial.seed}"
+    if search and "optuna_trial" in search:
+        name += f" · optuna {search['optuna_trial']}"
+    return name[:250]
+
+
 def _payload(ctx: SweepContext, trial: Trial, parent_id: str, search: dict[str, Any] | None = None) -> dict:
     return {
         "config": trial.config.to_dict(),
         "hash": trial.hash,
-        "name": f"{trial.cell.id}-s{trial.seed}-{trial.hash[:6]}",
+        "name": f"{trial.cell.id}-s{trial.seed}-{trial.hash[:6]}",  # Ray's trial folder: short and plain
+        "run_name": run_name(trial, search),
+        "families": ctx.families,
         "cell": trial.cell.id,
         "cell_label": trial.cell.label,
         "seed": trial.seed,
@@ -180,11 +191,11 @@ def _run_round(ctx: SweepContext, payloads: list[dict], progress: Progress, roun
             ctx.failed[payload["hash"]] = str(result.metrics.get("error", "failed"))
 
 
-def _grid_round(ctx: SweepContext, trials: list[Trial], done: set[str], progress: Progress) -> list[str]:
-    """Run the trials MLflow has not FINISHED; returns the hashes of every trial the sweep needs."""
+def _grid_round(ctx: SweepContext, trials: list[Trial], done: set[str], progress: Progress) -> dict[str, str]:
+    """Run the trials MLflow has not FINISHED; returns every trial the sweep needs: hash -> its cell's label."""
     pending = [_payload(ctx, t, ctx.parent_run_id) for t in trials if t.hash not in done]
     _run_round(ctx, pending, progress, f"{ctx.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return [t.hash for t in trials]
+    return {t.hash: t.cell.short_label for t in trials}
 
 
 def _suggest(trial, key: str, param) -> Any:
@@ -198,9 +209,9 @@ def _suggest(trial, key: str, param) -> Any:
     return trial.suggest_categorical(key, value)
 
 
-def _optuna_rounds(ctx: SweepContext, trials: list[Trial], progress: Progress) -> list[str]:
-    """Each cell's study asks for one sample per round; every seed of the sample is a trial. Returns the hashes
-    of every trial the studies hold; a cell whose study completed no trial goes to `ctx.failed_cells`."""
+def _optuna_rounds(ctx: SweepContext, trials: list[Trial], progress: Progress) -> dict[str, str]:
+    """Each cell's study asks for one sample per round; every seed of the sample is a trial. Returns every trial
+    the studies hold (hash -> its cell's label); a cell whose study completed no trial goes to `ctx.failed_cells`."""
     import optuna
     from mlflow.tracking import MlflowClient
 
@@ -222,7 +233,8 @@ def _optuna_rounds(ctx: SweepContext, trials: list[Trial], progress: Progress) -
         cell_runs[cid] = tr.ensure_run(
             client, ctx.experiment_id, sweep=spec.name, role="cell", name=f"cell-{cid}",
             parent_id=ctx.parent_run_id, match={"cell": cid},
-            tags={tr.TAG_CELL: cid, tr.TAG_CELL_LABEL: cell.label, tr.TAG_COMMIT: ctx.git_commit},
+            tags={tr.TAG_CELL: cid, tr.TAG_CELL_LABEL: cell.label, tr.TAG_COMMIT: ctx.git_commit,
+                  **tr.source_tags(ctx.git_commit, f"iclmix sweep run {spec.name}")},
         )
 
     for round_no in range(tune_spec.trials_per_cell):
@@ -262,11 +274,13 @@ def _optuna_rounds(ctx: SweepContext, trials: list[Trial], progress: Progress) -
                 study.tell(handle, sum(values) / len(values))
             else:
                 study.tell(handle, state=optuna.trial.TrialState.FAIL)
-    expected = []
+    expected = {}
     for cid, study in studies.items():
         for ot in study.get_trials(deepcopy=False):
-            expected += [resolve(spec.base, {**dict(cells[cid].overrides), **ot.params, "seed": s},
-                                 f"grid cell [{cells[cid].label}]").config_hash for s in spec.seeds]
+            for s in spec.seeds:
+                key = resolve(spec.base, {**dict(cells[cid].overrides), **ot.params, "seed": s},
+                              f"grid cell [{cells[cid].label}]").config_hash
+                expected[key] = cells[cid].short_label
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if complete:
             best = study.best_trial
@@ -456,6 +470,7 @@ def run_sweep(
 ) -> int:
     """Run (or resume, or extend) a sweep; returns the process exit status."""
     spec, trials = load_sweep(path)  # every input error surfaces here, before anything launches
+    tracking_uri = tr.tracking_uri_from_env(tracking_uri)
     root = sweep_root(spec, storage)
     if tracking_uri is None and _is_uri(root):
         raise ConfigError("--tracking-uri", "required when --storage is a URI (the default is a local sqlite file)")
@@ -497,9 +512,11 @@ def run_sweep(
         exp_id = tr.experiment_id(client, spec.name)
         commit = tr.git_commit(ROOT)
         parent = tr.ensure_run(client, exp_id, sweep=spec.name, role="parent", name=spec.name,
-                               tags={tr.TAG_COMMIT: commit})
+                               tags={tr.TAG_COMMIT: commit, **tr.source_tags(commit, f"iclmix sweep run {spec.name}")})
         client.log_text(parent, Path(path).read_text(), f"sweep/{Path(path).name}")
+        tr.log_params(client, parent, sweep_params(spec, trials))
         ctx = SweepContext(spec, root, tracking_uri, exp_id, parent, commit)
+        ctx.families = sorted({c.canonical_id for t in trials for c in t.config.data.family.components})
         done = tr.finished_hashes(client, exp_id, spec.name)
         total = trial_count(spec, trials)
         already = len({t.hash for t in trials} & done) if spec.tune is None else len(done)
@@ -561,7 +578,43 @@ def _shutdown_ray(tmp: str | None) -> None:
 
 
 
-def _summary(client, ctx: SweepContext, expected: list[str]) -> int:
+def sweep_params(spec: SweepSpec, trials: list[Trial]) -> dict[str, str]:
+    """The parent run's params: the sweep's shape and its base config (each trial's own config is on its run)."""
+    params = {"sweep.trials": str(trial_count(spec, trials)), "sweep.seeds": json.dumps(spec.seeds),
+              "sweep.resources.cpu": f"{spec.resources.cpu:g}", "sweep.resources.gpu": f"{spec.resources.gpu:g}"}
+    for key in spec.grid:
+        params[f"sweep.grid.{key}"] = json.dumps([_value_label(v) for v in axis_values(key, spec.grid[key])])
+    if spec.tune:
+        params["sweep.tune"] = json.dumps({"params": list(spec.tune.params), "metric": spec.tune.metric,
+                                           "trials_per_cell": spec.tune.trials_per_cell})
+    params.update(tr.flatten_config(trials[0].config.to_dict(), "base.") if trials else {})
+    return {tr.mlflow_key(k): v[: tr.MAX_PARAM_LEN] for k, v in params.items()}
+
+
+def _value_label(value: Any) -> Any:
+    from .spec import _label
+
+    return _label(value) if isinstance(value, list) else value
+
+
+def _log_sweep_summary(client, ctx: SweepContext, expected: dict[str, str], latest: dict[str, Any],
+                       by_status: dict[str, int]) -> None:
+    """On the parent run: trial counts by status and, per cell, its mean eval loss over the finished seeds."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"trials_{status.lower().replace(' ', '_')}", float(n), now, 0)
+               for status, n in by_status.items()]
+    per_cell: dict[str, list[float]] = {}
+    for key, label in expected.items():
+        run = latest.get(key)
+        if run is not None and run.info.status == "FINISHED" and "eval_loss" in run.data.metrics:
+            per_cell.setdefault(label, []).append(run.data.metrics["eval_loss"])
+    metrics += [Metric(f"eval_loss/{label}", sum(v) / len(v), now, 0) for label, v in per_cell.items()]
+    tr.log_metrics(client, ctx.parent_run_id, metrics)
+
+
+def _summary(client, ctx: SweepContext, expected: dict[str, str]) -> int:
     """Print what became of every trial the sweep needs; 0 only when each one FINISHED."""
     latest: dict[str, Any] = {}  # hash -> its FINISHED run, else its most recent one
     for r in tr.find_runs(client, ctx.experiment_id, ctx.spec.name, "trial"):
@@ -572,7 +625,7 @@ def _summary(client, ctx: SweepContext, expected: list[str]) -> int:
             latest[key] = r
     by_status: dict[str, int] = {}
     unfinished = []
-    for key in dict.fromkeys(expected):
+    for key in expected:
         run = latest.get(key)
         status = run.info.status if run is not None else "NOT STARTED"
         by_status[status] = by_status.get(status, 0) + 1
@@ -580,6 +633,7 @@ def _summary(client, ctx: SweepContext, expected: list[str]) -> int:
             unfinished.append((key, run, status))
     name = ctx.spec.name
     print(f"[{name}] done: " + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())), flush=True)
+    _log_sweep_summary(client, ctx, expected, latest, by_status)
     for key, run, status in unfinished:
         if run is None:
             print(f"  {status} trial {key}: {ctx.failed.get(key, 'Ray never ran it')}", flush=True)

@@ -146,6 +146,18 @@ class Cell:
     def label(self) -> str:
         return ", ".join(f"{k}={_label(v)}" for k, v in self.overrides) or "base"
 
+    @cached_property
+    def short_label(self) -> str:
+        """What a person reads in MLflow: each family's weight, and the last part of every other key."""
+        parts = []
+        for key, value in self.overrides:
+            mixture = _mixture(value)
+            if mixture is not None:
+                parts += [f"{fam.canonical_id}={w:g}" for fam, w in mixture.items()]
+            else:
+                parts.append(f"{key.rsplit('.', 1)[-1]}={_label(value)}")
+        return ", ".join(parts) or "base"
+
 
 @dataclass(frozen=True)
 class Trial:
@@ -161,15 +173,21 @@ class Trial:
         return self.config.config_hash
 
 
-def _label(v: Any) -> str:
+def _mixture(v: Any) -> Any:
+    """The mixture a grid value spells, or None (also for a bad one: reported when the config is validated)."""
     if isinstance(v, list) and v and isinstance(v[0], dict) and "family" in v[0]:
         from icl_core.families import build_mixture
 
         try:
-            return build_mixture(v).canonical_id
+            return build_mixture(v)
         except FamilyError:
-            pass  # reported with its field when the cell's config is validated
-    return str(v)
+            return None
+    return None
+
+
+def _label(v: Any) -> str:
+    mixture = _mixture(v)
+    return mixture.canonical_id if mixture is not None else str(v)
 
 
 def simplex_points(n_components: int, steps: int) -> list[tuple[Fraction, ...]]:

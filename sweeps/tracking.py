@@ -7,6 +7,7 @@ hash, so a retried or resumed trial re-attaches to its own run instead of creati
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -16,7 +17,14 @@ from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NAME,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
 
 from icl_core.config import ConfigError
 from icl_core.families import build_mixture
@@ -84,19 +92,40 @@ def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return {mlflow_key(k): v[:MAX_PARAM_LEN] for k, v in out.items()}
 
 
+# MLflow 3 opens an experiment of unknown kind on its GenAI pages (traces); a sweep is model training.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+        except Exception:  # another process created it first
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def source_tags(commit: str, source: str) -> dict[str, str]:
+    """MLflow's own tags for who ran what, from which commit (its UI's Source, User and commit columns)."""
+    import getpass
+
     try:
-        return client.create_experiment(name)
-    except Exception:  # another process created it first
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return {MLFLOW_SOURCE_NAME: source, MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_GIT_COMMIT: commit, MLFLOW_USER: user}
+
+
+def tracking_uri_from_env(tracking_uri: str | None) -> str | None:
+    """`--tracking-uri`, else MLflow's own MLFLOW_TRACKING_URI, else None (the sweep's local sqlite file)."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
 def search_all(client: MlflowClient, exp_id: str, filter_string: str) -> list:

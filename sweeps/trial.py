@@ -134,6 +134,35 @@ def _backfill_metrics(client: MlflowClient, run_id: str, metrics_csv: Path, upto
     tr.log_metrics(client, run_id, batch)
 
 
+def trial_params(cfg, families: list[str]) -> dict[str, str]:
+    """The resolved config as MLflow params, with a weight for every family of the sweep (0 where absent), so
+    the runs table can sort and filter by any family's weight."""
+    params = tr.flatten_config(cfg.to_dict())
+    for fam in families:
+        params.setdefault(tr.mlflow_key(f"data.mixture.weight.{fam}"), "0.0")
+    return params
+
+
+def _log_curve_figure(client: MlflowClient, run_id: str, rows, cfg, title: str, work: Path) -> None:
+    """The trial's own ICL curves (error vs k per eval task, the model against every baseline) as an artifact."""
+    import pandas as pd
+
+    from analysis.figures import plot_curves
+
+    curves = pd.DataFrame([{"task": r.task, "estimator": r.estimator, "k": r.k, "mean": r.error,
+                            "ci_low": r.ci_low, "ci_high": r.ci_high} for r in rows])
+    inside = {c.canonical_id for c in cfg.data.family.components}
+    try:
+        paths = plot_curves(curves, work / "figures", "icl_curves", title, {t: t in inside for t in curves["task"]},
+                            cfg.data.dim)
+    except Exception as e:  # the trial's results are logged already; say why its figure is missing
+        tr.set_tags(client, run_id, {"iclmix.figure_error": f"{type(e).__name__}: {e}"[:4000]})
+        return
+    for path in paths:
+        if path.suffix == ".png":
+            client.log_artifact(run_id, str(path), "figures")
+
+
 def claim_device(gpus: float, wanted: str) -> tuple[torch.device, dict[str, str]]:
     """The device this trial trains on, with its GPU memory capped to the trial's fraction, and tags saying so.
 
@@ -173,10 +202,11 @@ def run_trial(config: dict[str, Any]) -> None:
             del ckpt
         if run_id is None:
             run_id = tr.ensure_run(
-                client, t["experiment_id"], sweep=t["sweep"], role="trial", name=t["name"],
+                client, t["experiment_id"], sweep=t["sweep"], role="trial", name=t["run_name"],
                 parent_id=t["parent_run_id"], match={"config_hash": key},
                 tags={tr.TAG_CELL: t["cell"], tr.TAG_CELL_LABEL: t["cell_label"], tr.TAG_SEED: str(t["seed"]),
-                      tr.TAG_HASH: key, tr.TAG_COMMIT: t["git_commit"], tr.TAG_SEARCH: t.get("search", "{}")},
+                      tr.TAG_HASH: key, tr.TAG_COMMIT: t["git_commit"], tr.TAG_SEARCH: t.get("search", "{}"),
+                      **tr.source_tags(t["git_commit"], f"iclmix sweep run {t['sweep']}")},
             )
         else:
             client.update_run(run_id, status="RUNNING")
@@ -184,7 +214,7 @@ def run_trial(config: dict[str, Any]) -> None:
         tr.set_tags(client, run_id, {"iclmix.resumed_from": source, "iclmix.node": os.uname().nodename,
                                      "iclmix.ray_node": ctx.get_node_id(),
                                      "iclmix.gpu_ids": ",".join(map(str, ray.get_gpu_ids())), **device_tags})
-        tr.log_params(client, run_id, tr.flatten_config(cfg.to_dict()))
+        tr.log_params(client, run_id, trial_params(cfg, t.get("families", [])))
         if source != "fresh":
             _backfill_metrics(client, run_id, work / METRICS, resumed_step)
         try:
@@ -208,9 +238,10 @@ def run_trial(config: dict[str, Any]) -> None:
         if device.type == "cuda":  # what the trial took of its GPU, to set against iclmix.gpu_memory_cap_gib
             summary["gpu/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         now = int(time.time() * 1000)
-        tr.log_metrics(client, run_id, [Metric(k, v, now, result.step) for k, v in summary.items()])
+        tr.log_metrics(client, run_id, [Metric(k, v, now, 0) for k, v in summary.items()])  # one value, no steps
         for name in (CONFIG, EVAL_CSV, METRICS, CHECKPOINT):
             client.log_artifact(run_id, str(work / name))
+        _log_curve_figure(client, run_id, rows, cfg, t["run_name"], work)
         tr.end_run(client, run_id, "FINISHED")
         tune.report({"step": result.step, "progress": 1.0, "iclmix_failed": 0, **summary})
     except Exception as e:

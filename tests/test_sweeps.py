@@ -71,6 +71,22 @@ def test_sweep_tracks_every_trial_retries_faults_and_extends(tmp_path, mlflow_se
     assert "params.data.mixture" in runs and "params.model.n_embd" in runs
     assert ok["metrics.eval_loss"].between(0, 5).all()
 
+    # MLflow as its users read it: a training experiment, runs named by what they are, MLflow's own source
+    # tags, one eval value per run (no step axis), each trial's ICL curves, and the sweep's shape on the parent.
+    assert client.get_experiment_by_name("e2e").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert sorted(runs["tags.mlflow.runName"]) == ["lr=0.001 · s0", "lr=0.001 · s1", "lr=1e+30 · s0", "lr=1e+30 · s1"]
+    for tag in ("mlflow.user", "mlflow.source.name", "mlflow.source.git.commit"):
+        assert runs[f"tags.{tag}"].notna().all() and parent[f"tags.{tag}"].notna().all(), tag
+    assert (runs["tags.mlflow.source.git.commit"] == runs["tags.iclmix.git_commit"]).all()
+    parent_run = client.get_run(parent.run_id[0])
+    assert parent_run.data.params["sweep.trials"] == "4" and parent_run.data.params["sweep.seeds"] == "[0, 1]"
+    assert parent_run.data.params["base.model.n_embd"] == "8"
+    assert parent_run.data.metrics["trials_finished"] == 2 and parent_run.data.metrics["trials_failed"] == 2
+    assert 0 < parent_run.data.metrics["eval_loss/lr:0.001"] < 5  # the cell's mean over its finished seeds
+    for run_id in ok.run_id:
+        assert [m.step for m in client.get_metric_history(run_id, "eval_loss")] == [0]
+        assert [a.path for a in client.list_artifacts(run_id, "figures")] == ["figures/icl_curves.png"]
+
     # Each good trial raised once after its step-20 checkpoint, was retried by Ray from that checkpoint,
     # and logged each training step exactly once to the same run.
     assert len(list(faults.iterdir())) == 2
@@ -86,7 +102,8 @@ def test_sweep_tracks_every_trial_retries_faults_and_extends(tmp_path, mlflow_se
     # Extending the seeds runs only the new trials; finished runs are untouched, failed ones re-attach.
     before = ok.set_index("run_id")["end_time"]
     write_sweep(tmp_path / "e2e.yaml", name="e2e", grid={"train.lr": [1e-3, 1e30]}, seeds=[0, 1, 2])
-    r = run_cli("sweep", "run", sweep, "--tracking-uri", uri, "--storage", tmp_path / "store", timeout=900)
+    r = run_cli("sweep", "run", sweep, "--storage", tmp_path / "store", timeout=900,
+                env={"MLFLOW_TRACKING_URI": uri})  # MLflow's own variable, when --tracking-uri is absent
     assert r.returncode == 1
     assert "6 trials, 2 already finished" in r.stdout
     runs = trial_runs(uri, "e2e")
@@ -172,6 +189,11 @@ def test_optuna_searches_inside_each_cell(tmp_path, mlflow_server):
     assert cells["metrics.best_eval/sparse_linear.nnz:1"].notna().all()
     runs = trial_runs(uri, "opt")
     assert len(runs) == 4 and (runs.status == "FINISHED").all()
+    # every family of the sweep has a weight on every run, zeros included
+    weights = runs[["params.data.mixture.weight.linear", "params.data.mixture.weight.sparse_linear.nnz:1"]]
+    assert sorted(map(tuple, weights.to_numpy())) == [("0.0", "1.0")] * 2 + [("1.0", "0.0")] * 2
+    assert set(runs["tags.mlflow.runName"].str.replace(r" · optuna \d+$", "", regex=True)) == {
+        "linear=1 · s0", "sparse_linear(nnz=1)=1 · s0"}
     for cell_run, cell_id in zip(cells.run_id, cells["tags.iclmix.cell"]):
         children = runs[runs["tags.mlflow.parentRunId"] == cell_run]
         assert len(children) == 2 and set(children["tags.iclmix.cell"]) == {cell_id}
