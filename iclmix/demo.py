@@ -24,10 +24,7 @@ def run() -> int:
         status = main(["analyze", what, "--sweep", "quickstart", "--out", str(figures)])
         if status:
             return status
-    print("\nquickstart outputs:")
-    for path in sorted(figures.glob("*")) if figures.exists() else []:
-        print(f"  {path}")
-    print(f"  MLflow store: {store / 'mlflow.db'}")
+    print(f"\nquickstart outputs: {figures} (report.html and every figure), MLflow store {store / 'mlflow.db'}")
     print(f"browse the runs: mlflow ui --backend-store-uri sqlite:///{store / 'mlflow.db'} --port 5000")
     print("\ndid the models learn in context? (iclmix analyze check --sweep quickstart)")
     return main(["analyze", "check", "--sweep", "quickstart", "--out", str(figures)])

@@ -18,6 +18,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--address", help="Ray address to join, e.g. 'auto' on a cluster (default: private local Ray)")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under the sweep's folder)")
     run.add_argument("--storage", help="folder or URI for checkpoints and Ray results (default: ./runs)")
+    run.add_argument("--verbose", action="store_true", help="also show Ray's own logs and the trials' output")
     run.set_defaults(func=cmd_run)
 
 
@@ -32,4 +33,5 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_sweep
 
-    return run_sweep(args.file, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage)
+    return run_sweep(args.file, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage,
+                     verbose=args.verbose)

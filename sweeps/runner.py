@@ -107,21 +107,46 @@ class Progress:
 
     def __init__(self, name: str, total: int, already: int, every: float = 10.0):
         self.name, self.total, self.done, self.every = name, total, already, every
+        self.already = already
         self.failed = 0
-        self.running: dict[str, float] = {}
+        self.best: float | None = None
+        self.running: dict[str, float] = {}  # trial id -> fraction of its training steps done
         self.start = self.last = time.monotonic()
 
     def line(self) -> str:
-        run = " ".join(f"{p:.0%}" for p in sorted(self.running.values(), reverse=True)[:8])
+        training = sorted((p for p in self.running.values() if p < 1.0), reverse=True)
+        evaluating = len(self.running) - len(training)
         elapsed = time.monotonic() - self.start
-        return (f"[{self.name}] {self.done}/{self.total} finished, {len(self.running)} running"
-                + (f" ({run})" if run else "") + f", {self.failed} failed, {elapsed:.0f}s")
+        parts = [f"[{self.name}] finished {self.done}/{self.total}",
+                 f"training {len(training)}" + (f" ({' '.join(f'{p:.0%}' for p in training[:6])})" if training else ""),
+                 f"evaluating {evaluating}", f"failed {self.failed}", f"{_duration(elapsed)} elapsed"]
+        eta = self.eta(elapsed)
+        if eta is not None and self.done + self.failed < self.total:
+            parts.append(f"ETA {_duration(eta)}")
+        if self.best is not None:
+            parts.append(f"best eval_loss {self.best:.4g}")
+        return " · ".join(parts)
+
+    def eta(self, elapsed: float) -> float | None:
+        """Seconds left at this run's pace: trials' worth of work done so far against what remains."""
+        done = (self.done - self.already) + self.failed + sum(self.running.values())
+        left = self.total - self.done - self.failed - sum(self.running.values())
+        return elapsed / done * max(left, 0.0) if done > 0.05 else None
 
     def emit(self, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self.last >= self.every:
             self.last = now
             print(self.line(), flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _callback(progress: Progress):
@@ -137,9 +162,13 @@ def _callback(progress: Progress):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             progress.running.pop(trial.trial_id, None)
-            failed = bool((trial.last_result or {}).get("iclmix_failed"))
+            result = trial.last_result or {}
+            failed = bool(result.get("iclmix_failed"))
             progress.failed += failed
             progress.done += not failed
+            loss = result.get("eval_loss")
+            if not failed and isinstance(loss, float) and math.isfinite(loss):
+                progress.best = loss if progress.best is None else min(progress.best, loss)
             progress.emit(force=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -295,7 +324,7 @@ def _optuna_rounds(ctx: SweepContext, trials: list[Trial], progress: Progress) -
     return expected
 
 
-def _init_ray(address: str | None) -> tuple[str | None, subprocess.Popen | None]:
+def _init_ray(address: str | None, verbose: bool = False) -> tuple[str | None, subprocess.Popen | None]:
     """Join `address` (e.g. "auto" on a cluster or under `ray job submit`), else start a private local runtime;
     returns the local runtime's temp dir and its watchdog (None, None when joining)."""
     import ray
@@ -305,8 +334,8 @@ def _init_ray(address: str | None) -> tuple[str | None, subprocess.Popen | None]
         env["ICLMIX_FAULT_ONCE"] = os.environ["ICLMIX_FAULT_ONCE"]
     if address:
         try:
-            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True,
-                     logging_level=logging.WARNING)
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=verbose,
+                     logging_level=logging.INFO if verbose else logging.WARNING)
         except ConnectionError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError("--address", f"cannot join a Ray cluster at {address}: {first}") from None
@@ -317,7 +346,7 @@ def _init_ray(address: str | None) -> tuple[str | None, subprocess.Popen | None]
     reaper = start_reaper(tmp)  # a SIGKILLed driver leaves neither Ray processes nor this temp dir behind
     # The GPUs torch sees, stated rather than left to Ray's own detection (NVML), which can miss them.
     ray.init(address="local", _temp_dir=tmp, include_dashboard=False, runtime_env={"env_vars": env},
-             log_to_driver=True, logging_level=logging.WARNING, num_cpus=local_cpus(),
+             log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING, num_cpus=local_cpus(),
              num_gpus=torch.cuda.device_count())
     return tmp, reaper
 
@@ -467,8 +496,10 @@ def run_sweep(
     address: str | None = None,
     tracking_uri: str | None = None,
     storage: str | None = None,
+    verbose: bool = False,
 ) -> int:
-    """Run (or resume, or extend) a sweep; returns the process exit status."""
+    """Run (or resume, or extend) a sweep; returns the process exit status. `verbose` shows Ray's own logs and
+    the trials' output (errors reach MLflow and the summary either way)."""
     spec, trials = load_sweep(path)  # every input error surfaces here, before anything launches
     tracking_uri = tr.tracking_uri_from_env(tracking_uri)
     root = sweep_root(spec, storage)
@@ -476,6 +507,9 @@ def run_sweep(
         raise ConfigError("--tracking-uri", "required when --storage is a URI (the default is a local sqlite file)")
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    if not verbose:  # Tune's experiment box and TensorBoard hint (into a temp dir it deletes), Ray's notes
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = "auto"  # submitted with `ray job submit`
     # Everything a sweep needs from outside is checked here, in seconds, before Ray starts or a file is written.
@@ -496,7 +530,7 @@ def run_sweep(
     ray_tmp, reaper, client, ctx, server = None, None, None, None, None
     try:
         _stop_on_signals()
-        ray_tmp, reaper = _init_ray(address)
+        ray_tmp, reaper = _init_ray(address, verbose)
         _stop_on_signals()  # again: ray.init installs its own SIGTERM handler, which exits without cleaning up
         if not _is_uri(root):
             Path(root).mkdir(parents=True, exist_ok=True)
@@ -529,6 +563,14 @@ def run_sweep(
 
         status = _summary(client, ctx, expected)
         tr.end_run(client, parent, "FINISHED" if status == 0 else "FAILED")
+        if server is not None:
+            browse = f"mlflow ui --backend-store-uri {server.backend_uri}, experiment {spec.name}"
+        elif tracking_uri.startswith(("http://", "https://")):  # MLflow 3 opens its GenAI pages unless told
+            browse = f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}?workflowType=machine_learning"
+        else:
+            browse = tracking_uri
+        print(f"[{spec.name}] runs: {browse}; figures and report: iclmix analyze report --sweep {spec.name} "
+              "--out DIR", flush=True)
         return status
     except KeyboardInterrupt:
         _shutdown_ray(ray_tmp)  # first: no trial may write to MLflow after its run is marked KILLED
@@ -614,6 +656,25 @@ def _log_sweep_summary(client, ctx: SweepContext, expected: dict[str, str], late
     tr.log_metrics(client, ctx.parent_run_id, metrics)
 
 
+def results_table(expected: dict[str, str], latest: dict[str, Any], limit: int = 40) -> str:
+    """The sweep's trials at a glance: cell, seed, status and eval loss, best first (at most `limit` rows)."""
+    rows = []
+    for key, label in expected.items():
+        run = latest.get(key)
+        seed = run.data.tags.get(tr.TAG_SEED, "?") if run is not None else "?"
+        loss = run.data.metrics.get("eval_loss") if run is not None and run.info.status == "FINISHED" else None
+        rows.append((label, seed, run.info.status if run is not None else "NOT STARTED", loss))
+    rows.sort(key=lambda r: (r[3] is None, r[3] if r[3] is not None else 0.0, r[0], r[1]))
+    width = min(60, max([len("cell"), *(len(r[0]) for r in rows)]))
+    lines = [f"{'cell':<{width}}  seed  {'status':<11}  eval_loss"]
+    for label, seed, status, loss in rows[:limit]:
+        cell = label if len(label) <= width else label[: width - 1] + "…"
+        lines.append(f"{cell:<{width}}  {seed:>4}  {status:<11}  {'' if loss is None else f'{loss:.4f}'}")
+    if len(rows) > limit:
+        lines.append(f"… and {len(rows) - limit} more (every trial: iclmix analyze report)")
+    return "\n".join(lines)
+
+
 def _summary(client, ctx: SweepContext, expected: dict[str, str]) -> int:
     """Print what became of every trial the sweep needs; 0 only when each one FINISHED."""
     latest: dict[str, Any] = {}  # hash -> its FINISHED run, else its most recent one
@@ -632,6 +693,7 @@ def _summary(client, ctx: SweepContext, expected: dict[str, str]) -> int:
         if status != "FINISHED":
             unfinished.append((key, run, status))
     name = ctx.spec.name
+    print(results_table(expected, latest), flush=True)
     print(f"[{name}] done: " + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())), flush=True)
     _log_sweep_summary(client, ctx, expected, latest, by_status)
     for key, run, status in unfinished:

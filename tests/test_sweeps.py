@@ -269,3 +269,48 @@ def test_ctrl_c_and_sigterm_mark_the_sweep_killed_exit_130_and_rerunning_resumes
     for run_id in runs.run_id:
         steps = metric_steps(client, run_id)
         assert steps == sorted(set(steps)) and steps[-1] == 600  # each step logged once
+
+
+def test_mlflow_ui_opens_the_sweep_on_its_runs_named_by_what_they_are(tmp_path, mlflow_server):
+    # In a real browser (headless Chromium) on the real MLflow UI: the experiment opens on its runs table (not
+    # MLflow's GenAI trace pages) and the trials read as the mixtures they were pretrained on.
+    from test_analysis import _chromium
+
+    uri = mlflow_server.uri
+    sweep = write_sweep(tmp_path / "ui.yaml", name="uisweep", seeds=[0],
+                        grid={"data.mixture": {"simplex": {"components": [{"family": "linear"},
+                                                                          {"family": "sparse_linear", "nnz": 1}],
+                                                           "steps": 1}}})
+    r = run_cli("sweep", "run", sweep, "--tracking-uri", uri, "--storage", tmp_path / "store", timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    exp = MlflowClient(uri).get_experiment_by_name("uisweep")
+    exe = _chromium()
+    common = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+              "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path / 'p'}",
+              "--window-size=1600,1000", "--virtual-time-budget=20000"]
+
+    def dom(page: str) -> str:
+        return subprocess.run([*common, "--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
+
+    # The link the sweep prints opens the runs table (MLflow 3's model-training pages, not its GenAI ones).
+    link = re.search(r"http://\S+#/experiments/\d+\?workflowType=machine_learning", r.stdout)
+    assert link, r.stdout[-2000:]
+    table = dom(link.group(0))
+    assert "Run Name" in table and re.search(r"<strong>3</strong>\s*matching runs", table), table[-3000:]
+    assert "uisweep" in table
+    runs = trial_runs(uri, "uisweep")
+    for run_id, name in zip(runs.run_id, runs["tags.mlflow.runName"]):
+        assert name in dom(f"{uri}/#/experiments/{exp.experiment_id}/runs/{run_id}?workflowType=machine_learning")
+    assert sorted(runs["tags.mlflow.runName"]) == ["linear=1 · s0", "sparse_linear(nnz=1)=1 · s0"]
+    shot = tmp_path / "mlflow-runs.png"
+    subprocess.run([*common, f"--screenshot={shot}", link.group(0)], capture_output=True, text=True, timeout=180)
+    assert shot.is_file() and shot.stat().st_size > 10_000
+
+    # The console: one kind of progress line, a results table at the end, none of Ray's chatter.
+    out = r.stdout + r.stderr
+    assert "finished 2/2" in r.stdout and "elapsed" in r.stdout and "best eval_loss" in r.stdout
+    table_rows = [line for line in r.stdout.splitlines() if line.startswith(("linear=1 ", "sparse_linear(nnz=1)=1 "))]
+    assert len(table_rows) == 2 and all("FINISHED" in line for line in table_rows), r.stdout
+    for chatter in ("Checkpoint successfully created", "TensorBoard", "Tuner.restore", "View run", "INFO"):
+        assert chatter not in out, chatter
+    assert len(r.stdout.splitlines()) < 20 and not r.stderr.strip(), out
