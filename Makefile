@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test lint bench reproduce clean
+.PHONY: setup demo ui test lint bench reproduce clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(PY) -m iclmix.demo
+
+# Browse a sweep's runs (default: the quickstart's) in MLflow's UI: make ui [SWEEP=name] [PORT=5000]
+SWEEP ?= quickstart
+PORT ?= 5000
+ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/$(SWEEP)/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 test: setup
 	$(VENV)/bin/ruff check .

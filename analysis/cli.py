@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from icl_core.config import ConfigError, check_writable_folder
+from icl_core.errors import ConfigError, check_writable_folder
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .config import ConfigError, check_writable_folder, load_run_config, read_yaml
+from .errors import ConfigError, check_writable_folder
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +27,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_run_config
     from .evaluate import EVAL_CSV, evaluate_run, write_eval_csv
     from .train import train
 
@@ -45,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def load_tasks(path: str, dim: int) -> list:
     """Test families from a YAML file: a list of specs, or a mapping with a `tasks:` list."""
-    from .config import task_family
+    from .config import read_yaml, task_family
     from .families import FamilyError
 
     data = read_yaml(path)

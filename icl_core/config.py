@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
 from functools import cached_property
@@ -19,17 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import ConfigError, check_writable_folder  # noqa: F401 (re-exported)
 from .families import Family, FamilyError, Mixture, build_family, build_mixture
-
-
-class ConfigError(ValueError):
-    """Invalid user input; str() is one line: ``field: what is wrong``."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}" if field else message)
-        self.field = field
-        self.message = message
-
 
 # Limits with reasons (README, "Limits"): far above any run this project makes, low enough that a typo fails here
 # with its field named rather than late, in an allocation or an overflow.
@@ -435,17 +425,6 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(str(path), f"{problem}{where}") from None
     except RecursionError:
         raise ConfigError(str(path), "nested too deeply") from None
-
-
-def check_writable_folder(path: Path, field_name: str) -> None:
-    """`path` is a folder, or can be made one, that this process may write to."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(field_name, f"{existing} is a file, not a folder: pass a folder for {path}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(field_name, f"cannot write to {existing} (permission denied): pass a folder you can write")
 
 
 def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:

@@ -25,6 +25,7 @@ import torch
 
 from .config import ConfigError, RunConfig, TrainConfig, dump_yaml, validate_run_config
 from .cuda_graph import GraphedStep, capturable_lr
+from .errors import NonFiniteLossError
 from .families import sample_prompts
 from .model import ICLTransformer, ModelConfig
 from .threaded_step import ThreadedStep, single_threaded_ops
@@ -41,14 +42,6 @@ _ENTRY_TYPES: dict[str, type] = {
     "data_rng": torch.Tensor, "torch_rng": torch.Tensor, "extra": dict, "metrics": dict,
 }
 _RETRAIN = "retrain, or point at the run directory that wrote it"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-    def __init__(self, step: int, loss: float):
-        super().__init__(f"training loss became non-finite ({loss}) at step {step}")
-        self.step = step
 
 
 class TrainCallback(Protocol):

@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from icl_core.config import ConfigError
-from icl_core.train import NonFiniteLossError
+from icl_core.errors import ConfigError, NonFiniteLossError
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("icl-mixtures")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sweeps import cli as sweep_cli
 
     parser = argparse.ArgumentParser(prog="iclmix", description="ICL Mixtures: pretraining-coverage sweeps.")
+    parser.add_argument("--version", action="version", version=f"iclmix {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     core_cli.add_commands(sub)
     sweep_cli.add_commands(sub)

@@ -11,6 +11,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     plan = ssub.add_parser("plan", help="print cells, seeds, trial count and compute; runs nothing")
     plan.add_argument("file", help="sweep file (YAML)")
+    plan.add_argument("--cpus", type=int, help="estimate the wall time on this many CPU cores (default: this "
+                      "machine's)")
+    plan.add_argument("--gpus", type=int, help="estimate the wall time on this many GPUs (default: this machine's)")
     plan.set_defaults(func=cmd_plan)
 
     run = ssub.add_parser("run", help="run, resume or extend a sweep (finished trials are skipped)")
@@ -23,10 +26,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from icl_core.errors import ConfigError
+
     from .spec import load_sweep, plan_text
 
+    for flag in ("cpus", "gpus"):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value <= 1_000_000:
+            raise ConfigError(f"--{flag}", f"must be a count from 0 to 1000000, got {value}")
     spec, trials = load_sweep(args.file)
-    print(plan_text(spec, trials))
+    print(plan_text(spec, trials, cpus=args.cpus, gpus=args.gpus))
     return 0
 
 

@@ -352,13 +352,22 @@ def flops_per_trial(cfg: RunConfig) -> float:
     return step_flops(model_config(cfg), cfg.data.n_points, cfg.train.batch_size) * cfg.train.steps
 
 
-def plan_text(spec: SweepSpec, trials: list[Trial]) -> str:
-    """What `iclmix sweep plan` prints: cells, seeds, trial count and total compute."""
+# Throughputs for the plan's estimates (model FLOP/s), as measured in docs/performance.md: a CPU core training
+# the CPU twins' and the quickstart's models ("time to competence"), and an H200 at paper size ("GPU": one eager
+# trial, four packed eager trials together, one trial with train.cuda_graph).
+CPU_CORE_FLOPS = 30e9
+GPU_FLOPS = {"eager": 21e12, "packed": 48e12, "cuda_graph": 52e12}
+
+
+def plan_text(spec: SweepSpec, trials: list[Trial], cpus: int | None = None, gpus: int | None = None) -> str:
+    """What `iclmix sweep plan` prints: cells, seeds, trial count, total compute and the estimated wall time on
+    `cpus` cores and `gpus` GPUs (default: this machine's)."""
     cells: dict[str, Cell] = {}
     for t in trials:
         cells.setdefault(t.cell.id, t.cell)
     per_sample = 1 if spec.tune is None else spec.tune.trials_per_cell
-    total = sum(flops_per_trial(t.config) for t in trials) * per_sample
+    flops = [flops_per_trial(t.config) for t in trials for _ in range(per_sample)]
+    total = sum(flops)
     lines = [f"sweep {spec.name}: {len(cells)} cells x {len(spec.seeds)} seeds"
              + (f" x {per_sample} Optuna samples" if spec.tune else "")
              + f" = {trial_count(spec, trials)} trials"]
@@ -369,8 +378,55 @@ def plan_text(spec: SweepSpec, trials: list[Trial]) -> str:
         lines.append(f"Optuna per cell: {', '.join(spec.tune.params)} ({spec.tune.metric}, {spec.tune.mode})")
     lines.append(f"resources per trial: cpu={spec.resources.cpu:g}, gpu={spec.resources.gpu:g}")
     lines.append(f"compute: {total:.3g} model FLOPs ({_human(total)})"
-                 + f"; {_cpu_hours(total):.3g} CPU-core-hours at ~10 GFLOP/s")
+                 + f"; {_cpu_hours(total):.3g} CPU-core-hours at ~{CPU_CORE_FLOPS / 1e9:.0f} GFLOP/s per core")
+    lines.append(_time_estimate(spec, trials, flops, cpus, gpus))
     return "\n".join(lines)
+
+
+def _time_estimate(spec: SweepSpec, trials: list[Trial], flops: list[float], cpus: int | None,
+                   gpus: int | None) -> str:
+    """GPU-hours and wall time, from the measured throughputs above (an estimate: ±2x)."""
+    cpu, gpu = spec.resources.cpu, spec.resources.gpu
+    if gpu == 0:
+        if cpus is None:
+            from .runner import local_cpus
+
+            cpus = local_cpus()
+        at_once = max(1, int(cpus // cpu))
+        wall = _packed_wall([f / (CPU_CORE_FLOPS * cpu) for f in flops], at_once)
+        return f"estimated wall time on {cpus} CPU cores ({at_once} trial(s) at once): {_duration(wall)}"
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    graph = trials[0].config.train.cuda_graph if trials else False
+    rate = GPU_FLOPS["cuda_graph" if graph else "packed" if gpu <= 0.5 else "eager"]
+    gpu_hours = sum(flops) / rate / 3600
+    line = f"GPU-hours: {gpu_hours:.3g} at ~{rate / 1e12:.0f} model TFLOP/s per GPU (an H200 at paper size)"
+    if gpus == 0:
+        return line + "; no GPU here: `sweep plan --gpus N` estimates the wall time on N GPUs"
+    at_once = max(1, int(gpus // gpu))
+    wall = _packed_wall([f / (rate * min(gpu, 1.0)) for f in flops], at_once)
+    return line + f"; estimated wall time on {gpus} GPU(s) ({at_once} trial(s) at once): {_duration(wall)}"
+
+
+def _packed_wall(seconds: list[float], slots: int) -> float:
+    """Wall time of jobs of the given lengths on `slots` workers, longest first (each to the first free one)."""
+    ends = [0.0] * slots
+    for s in sorted(seconds, reverse=True):
+        i = ends.index(min(ends))
+        ends[i] += s
+    return max(ends) if seconds else 0.0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def _human(flops: float) -> str:
@@ -381,4 +437,4 @@ def _human(flops: float) -> str:
 
 
 def _cpu_hours(flops: float) -> float:
-    return flops / 10e9 / 3600 if math.isfinite(flops) else float("nan")
+    return flops / CPU_CORE_FLOPS / 3600 if math.isfinite(flops) else float("nan")
