@@ -25,7 +25,7 @@ _EXPORTS = {
     "model_selection": "maps",
     "default_axes": "maps",
     "trial_values": "maps",
-    "bootstrap_ci": "maps",
+    "seed_interval": "maps",
     "coverage_descriptors": "coverage",
     "in_support": "coverage",
     "task_axes": "coverage",

@@ -264,7 +264,8 @@ def plot_model_selection(table: pd.DataFrame, out_dir: str | Path, stem: str = "
             if c.empty:
                 continue
             st = ESTIMATOR_STYLE[est]
-            ax.errorbar(c["weight"], c["mean"], yerr=[c["mean"] - c["ci_low"], c["ci_high"] - c["mean"]],
+            yerr = [(c["mean"] - c["ci_low"]).fillna(0.0), (c["ci_high"] - c["mean"]).fillna(0.0)]  # n = 1: none
+            ax.errorbar(c["weight"], c["mean"], yerr=yerr,
                         marker="o", capsize=3, color=st["color"], ls=st.get("ls", "-"), lw=st["lw"],
                         label="transformer (this mixture)" if est == "model" else ESTIMATOR_LABEL[est])
         gone = sub[(sub["series"] == "model") & sub["mean"].isna()]
@@ -275,7 +276,8 @@ def plot_model_selection(table: pd.DataFrame, out_dir: str | Path, stem: str = "
         if not spec.empty and np.isfinite(spec["mean"].iloc[0]):
             r = spec.iloc[0]
             ax.axhline(r["mean"], color="#9467bd", lw=1.6, ls="--", label=f"specialist (weight 1 on {fam})")
-            ax.axhspan(r["ci_low"], r["ci_high"], color="#9467bd", alpha=0.12, lw=0)
+            if np.isfinite(r["ci_low"]):  # one seed has no interval
+                ax.axhspan(r["ci_low"], r["ci_high"], color="#9467bd", alpha=0.12, lw=0)
         bt = sub[sub["series"] == "bayes_task"]
         if not bt.empty and bt["mean"].notna().any():
             ax.axhline(float(bt["mean"].mean()), color=ESTIMATOR_STYLE["bayes_task"]["color"], lw=1.2, ls=":",

@@ -6,8 +6,8 @@ k >= 1). With a reference it is the model's *excess error* `model - reference` (
 reference; `mode="ratio"` gives `(model + eps) / (reference + eps)` instead, 1 = as good). References:
 `bayes_task` (Bayes-optimal under the test prior), `best_baseline` (per k, the best of the classical
 baselines zero/averaging/ols/ridge/lasso/knn), or any estimator name. Seeds (trials) are aggregated: the
-mean over trials with a value and a percentile bootstrap interval over them (one trial: the interval is
-that trial's value). Trials that failed contribute NaN and are counted as missing, never as zero.
+mean over trials with a value and a 90 % Student-t interval over them (`seed_interval`; one trial has no
+interval, shown as "n = 1"). Trials that failed contribute NaN and are counted as missing, never as zero.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from .coverage import COVERAGE_AXES, TEST_AXES, coverage_sort_key
 CLASSICAL = ("zero", "averaging", "ols", "ridge", "lasso", "knn")
 REFERENCES = ("bayes_task", "best_baseline")
 RATIO_EPS = 1e-3  # errors are normalized (zero predictor = 1); below 1e-3 a task counts as solved
-N_BOOT = 1000
-LEVEL = 0.9
+LEVEL = 0.9  # the intervals' coverage: 90 %, as the eval's prompt bootstrap
 
 
 # ---------------------------------------------------------------- options
@@ -253,17 +252,16 @@ class CoverageMap:
         return pd.DataFrame(out)
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean over `values` (resampling trials)."""
+def seed_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """Student-t interval of the mean over trials (seeds): valid for the 2–5 seeds a sweep has, where a
+    bootstrap over seeds is too narrow. One value has no interval: (nan, nan), shown as "n = 1"."""
     values = np.asarray(values, dtype=float)
-    if len(values) == 0:
+    if len(values) < 2:
         return math.nan, math.nan
-    if len(values) == 1:
-        return float(values[0]), float(values[0])
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
-    tail = 100 * (1 - level) / 2
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+    from scipy import stats
+
+    half = stats.t.ppf((1 + level) / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
 
 
 def select_best(frame: pd.DataFrame) -> pd.DataFrame:
@@ -286,9 +284,7 @@ def coverage_map(
     mode: str = "excess",
     estimator: str = "model",
     where: Mapping[str, Any] | None = None,
-    n_boot: int = N_BOOT,
     level: float = LEVEL,
-    seed: int = 0,
 ) -> CoverageMap:
     """The coverage-vs-generalization matrix (see the module docstring for what a cell holds)."""
     frame = apply_where(frame, where)
@@ -323,7 +319,7 @@ def coverage_map(
         support[i, j] = bool(grp["in_support"].all())
         if len(vals):
             mean[i, j] = vals.mean()
-            low[i, j], high[i, j] = bootstrap_ci(vals, n_boot, level, seed)
+            low[i, j], high[i, j] = seed_interval(vals, level)
 
     def df(a):
         return pd.DataFrame(a, index=pd.Index(row_vals, name=coverage), columns=pd.Index(col_vals, name=test_axis))
@@ -363,15 +359,13 @@ def icl_curves(
     value: Any = None,
     where: Mapping[str, Any] | None = None,
     estimators: list[str] | None = None,
-    n_boot: int = N_BOOT,
     level: float = LEVEL,
-    seed: int = 0,
 ) -> pd.DataFrame:
     """Error vs k for every estimator and eval task: columns task, estimator, k, mean, ci_low, ci_high, n.
 
     Restricted to trials whose `coverage` column equals `value` when both are given. The band is the
     eval's own 90 % prompt-bootstrap band averaged over trials; for an estimator that differs between
-    trials (the model, over seeds) it is widened to cover the bootstrap band over trials as well.
+    trials (the model, over seeds) it is widened to cover the Student-t interval over trials as well.
     """
     frame = apply_where(frame, where)
     if coverage is not None and value is not None:
@@ -390,7 +384,7 @@ def icl_curves(
         lo = float(np.nanmean(grp["ci_low"].to_numpy(float)[ok]))
         hi = float(np.nanmean(grp["ci_high"].to_numpy(float)[ok]))
         if len(v) > 1 and np.ptp(v) > 0:
-            blo, bhi = bootstrap_ci(v, n_boot, level, seed)
+            blo, bhi = seed_interval(v, level)
             lo, hi = min(lo, blo), max(hi, bhi)
         out.append((task, est, kk, float(v.mean()), lo, hi, int(ok.sum()), len(vals)))
     return pd.DataFrame(out, columns=["task", "estimator", "k", "mean", "ci_low", "ci_high", "n", "n_trials"])
@@ -415,8 +409,7 @@ def two_family_sweep(frame: pd.DataFrame) -> list[str] | None:
     return fams if mixed else None
 
 
-def model_selection(frame: pd.DataFrame, k: int | str = "all", *, n_boot: int = N_BOOT, level: float = LEVEL,
-                    seed: int = 0) -> pd.DataFrame:
+def model_selection(frame: pd.DataFrame, k: int | str = "all", *, level: float = LEVEL) -> pd.DataFrame:
     """For a sweep over mixtures of two families A and B (finding 1).
 
     Rows: family (the eval task = that family), weight (of that family in pretraining), series
@@ -444,7 +437,7 @@ def model_selection(frame: pd.DataFrame, k: int | str = "all", *, n_boot: int = 
                 rows.drop_duplicates("run_id")[["run_id", wcol]], on="run_id")
             for w, grp in vals.groupby(wcol, observed=True):
                 v = grp["value"].dropna().to_numpy()
-                lo, hi = bootstrap_ci(v, n_boot, level, seed)
+                lo, hi = seed_interval(v, level)
                 out.append((fam, float(w), series, v.mean() if len(v) else np.nan, lo, hi, len(v), len(grp)))
                 if series == "model" and w == 1.0:
                     out.append((fam, float(w), "specialist", v.mean() if len(v) else np.nan, lo, hi, len(v),

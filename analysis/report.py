@@ -86,7 +86,9 @@ def map_html(m: CoverageMap) -> str:
                 cls.append("miss")
                 text = f"missing ({n}/{nt})" if nt else "not run"
             else:
-                text = f"{v:.4g} [{m.ci_low.loc[r, c]:.4g}, {m.ci_high.loc[r, c]:.4g}] ({n}/{nt})"
+                lo, hi = m.ci_low.loc[r, c], m.ci_high.loc[r, c]
+                interval = f" [{lo:.4g}, {hi:.4g}]" if not math.isnan(lo) else ""  # one seed: no interval
+                text = f"{v:.4g}{interval} (n = {n}" + (f" of {nt})" if nt != n else ")")
             cells.append(f'<td class="{" ".join(cls)}">{text}</td>')
         rows.append(f"<tr>{''.join(cells)}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis.coverage import coverage_descriptors, family_from_id, in_support, parse_family_id, task_axes
 from analysis.load import config_from_params, load_sweep, sweep_file
-from analysis.maps import bootstrap_ci, coverage_map, icl_curves, model_selection
+from analysis.maps import coverage_map, icl_curves, model_selection, seed_interval
 from icl_core.config import ConfigError, dump_yaml, task_family, validate_run_config
 from icl_core.evaluate import EvalRow, summarize, write_eval_csv
 from icl_core.families import Sine, build_mixture
@@ -251,9 +251,13 @@ def test_coverage_map_exact(frame, ref):
                 assert math.isnan(m.mean.loc[w, nnz]) and math.isnan(m.ci_low.loc[w, nnz])
                 continue
             assert m.mean.loc[w, nnz] == pytest.approx(np.mean(vals), abs=1e-12)
-            # two seeds: the 90 % bootstrap interval of the mean spans exactly [min, max]; one seed: the value
-            assert m.ci_low.loc[w, nnz] == pytest.approx(min(vals), abs=1e-12)
-            assert m.ci_high.loc[w, nnz] == pytest.approx(max(vals), abs=1e-12)
+            # two seeds: the 90 % Student-t interval, mean -/+ t(0.95, 1) sd / sqrt(2); one seed: no interval
+            if len(vals) == 1:
+                assert math.isnan(m.ci_low.loc[w, nnz]) and math.isnan(m.ci_high.loc[w, nnz])
+                continue
+            half = 6.313752 * np.std(vals, ddof=1) / math.sqrt(2)
+            assert m.ci_low.loc[w, nnz] == pytest.approx(np.mean(vals) - half, abs=1e-6)
+            assert m.ci_high.loc[w, nnz] == pytest.approx(np.mean(vals) + half, abs=1e-6)
     expected_support = pd.DataFrame([[False, False, True], [True, False, True], [True, False, True],
                                      [True, False, False]], index=m.support.index, columns=m.support.columns)
     pd.testing.assert_frame_equal(m.support, expected_support)
@@ -300,8 +304,12 @@ def test_curves_and_model_selection(frame):
     lin_spec = ms.loc[(LINEAR, "specialist", 1.0)]  # weight 1 on linear = weight 0 on sparse
     assert lin_spec["mean"] == pytest.approx(np.mean([_expected_value(0.0, s, 2, None) for s in SEEDS]))
     assert math.isnan(ms.loc[(SPARSE1, "model", 0.25)]["mean"])  # failed trials: missing, not zero
-    lo, hi = bootstrap_ci(np.array([1.0, 2.0, 4.0]))
-    assert 1.0 <= lo < 7 / 3 < hi <= 4.0 and bootstrap_ci(np.array([0.5])) == (0.5, 0.5)
+    # Student-t over seeds: mean 7/3, sd 1.528, t(0.95, 2) = 2.920 -> 7/3 -/+ 2.576; one seed has no interval.
+    lo, hi = seed_interval(np.array([1.0, 2.0, 4.0]))
+    assert lo == pytest.approx(7 / 3 - 2.5758, abs=1e-3) and hi == pytest.approx(7 / 3 + 2.5758, abs=1e-3)
+    assert all(math.isnan(v) for v in seed_interval(np.array([0.5])))
+    # wider than a percentile bootstrap over the same seeds, which cannot leave [min, max] = [1, 4]
+    assert lo < 1.0 and hi > 4.0
 
 
 # ---------------------------------------------------------------- figures and the CLI
@@ -383,6 +391,8 @@ def test_report_self_contained_and_renders(synth, tmp_path, capsys):
     assert text.count("data:image/png;base64,") >= 2 + 1 + len(WEIGHTS)  # 2 maps, model selection, curves
     assert "synthetic failure of cell1 seed 0" in text and "RUNNING" in text and "checks: {finding: none}" in text
     assert "missing" in text and "<table>" in text
+    # a cell with one finished seed of two shows its value and n, not an interval of zero width
+    assert re.search(r"<td[^>]*>-?[0-9.e+-]+ \(n = 1 of 2\)</td>", text), text[:2000]
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("synth")
