@@ -127,8 +127,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     m = coverage_map(frame, args.coverage, args.test_axis, args.k, ref, mode=args.mode, where=where)
     m.meta.update(sweep=args.sweep, where=where)
     out = Path(args.out)
-    stem = f"heatmap_{figures.slug(m.coverage)}_{m.test_axis}_k{m.k}"
-    stem += f"_vs_{m.relative_to}" if m.relative_to else ""
+    stem = figures.heatmap_stem(m)
     paths = figures.plot_heatmap(m, out, stem)
     m.to_long().to_csv(out / f"{stem}.csv", index=False)
     return _finish(args, frame, [*paths, out / f"{stem}.csv"], "analysis")
@@ -149,8 +148,8 @@ def cmd_curves(args: argparse.Namespace) -> int:
         curves = icl_curves(frame, coverage=coverage, value=value)
         sub = select_value(frame, coverage, value)
         label = figures.short_label(value)
-        stem = f"curves_{figures.slug(coverage)}_{figures.slug(label)}"
-        paths += figures.plot_curves(curves, out, stem, f"{args.sweep}: {figures.axis_label(coverage)} = {label}",
+        stem = figures.curves_stem(coverage, value)
+        paths += figures.plot_curves(curves, out, stem, f"{figures.axis_label(coverage)} = {label}",
                                      task_support(sub),
                                      int(dims[0]) if len(dims) == 1 else None)
         curves.to_csv(out / f"{stem}.csv", index=False)

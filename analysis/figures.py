@@ -64,37 +64,63 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_")[:80] or "x"
 
 
+def heatmap_stem(m: CoverageMap) -> str:
+    """The file name of a map, saying what it is; the CLI and the report write one map to one file."""
+    stem = f"heatmap_{slug(m.coverage)}_{slug(m.test_axis)}_k{m.k}"
+    if m.relative_to is None:
+        return stem + "_error"
+    return stem + (f"_ratio_vs_{m.relative_to}" if m.mode == "ratio" else f"_vs_{m.relative_to}")
+
+
+def curves_stem(coverage: str, value: Any) -> str:
+    """The file name of the ICL curves of the trials at one coverage value."""
+    return f"curves_{slug(coverage)}_{slug(value if isinstance(value, str) else short_label(value))}"
+
+
+def family_label(family_id: str) -> str:
+    """A family or mixture id as a person reads it (each family's own `label`), or the text as it is."""
+    from icl_core.config import task_family
+    from icl_core.families import FamilyError
+
+    from .coverage import parse_family_id
+
+    try:
+        return task_family(parse_family_id(family_id)).label()
+    except (FamilyError, ValueError, TypeError, KeyError):
+        return family_id
+
+
 def short_label(value: Any) -> str:
-    """Readable tick labels: mixtures as `0.5 linear + 0.5 sparse_linear(nnz=1)`, numbers with :g."""
+    """Readable tick labels: families and mixtures by their labels (`0.5 linear + 0.5 sparse linear (1
+    non-zero)`), numbers with :g."""
     if isinstance(value, (float, np.floating)):
         return f"{value:.3g}"
     if isinstance(value, (int, np.integer)):
         return str(value)
     text = str(value)
-    m = re.fullmatch(r"mixture\((.*)\)", text)
-    if m:
-        parts = []
-        depth, start = 0, 0
-        inner = m.group(1)
-        for i, ch in enumerate(inner + "+"):
-            depth += ch == "("
-            depth -= ch == ")"
-            if ch == "+" and depth == 0:
-                w, _, fam = inner[start:i].partition("*")
-                parts.append(f"{float(w):.3g} {fam}")
-                start = i + 1
-        text = " + ".join(parts)
-    return text
+    return family_label(text) if re.match(r"[a-z_]+(\(|$)", text) else text
 
 
 def axis_label(axis: str) -> str:
     if axis.startswith("weight:"):
-        return f"pretraining weight of {axis[7:]}"
+        return f"pretraining weight of {family_label(axis[7:])}"
     return AXIS_LABEL.get(axis, axis)
 
 
+def value_label(m: CoverageMap) -> str:
+    """What a map's cells are, in words (estimators by their figure labels)."""
+    kk = "mean over k ≥ 1" if m.k == "all" else f"k = {m.k}"
+    ref = ESTIMATOR_LABEL.get(m.relative_to or "", m.relative_to)
+    if m.relative_to is None:
+        return f"transformer error ({kk})"
+    if m.mode == "ratio":
+        return f"transformer error / {ref} error ({kk})"
+    return f"transformer error − {ref} error ({kk})"
+
+
 def _wrap(text: str, width: int) -> str:
-    return "\n".join(textwrap.wrap(text, width, break_long_words=True, break_on_hyphens=False)) or text
+    """Lines of at most `width` characters, broken between words (never inside one)."""
+    return "\n".join(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)) or text
 
 
 def _norm(m: CoverageMap, data: np.ndarray):
@@ -106,6 +132,10 @@ def _norm(m: CoverageMap, data: np.ndarray):
         span = float(np.max(np.abs(np.log10(finite)))) if finite.size else 1.0
         span = max(span, 0.05)
         return colors.LogNorm(vmin=10**-span, vmax=10**span), "RdBu_r"
+    if finite.size and finite.min() >= 0:  # worse everywhere: a sequential scale, no unused blue half
+        return colors.Normalize(vmin=0.0, vmax=max(float(finite.max()), 1e-6)), "Reds"
+    if finite.size and finite.max() <= 0:  # better everywhere
+        return colors.Normalize(vmin=min(float(finite.min()), -1e-6), vmax=0.0), "Blues_r"
     half = float(np.max(np.abs(finite))) if finite.size else 1.0
     return colors.CenteredNorm(vcenter=0.0, halfrange=max(half, 1e-6)), "RdBu_r"
 
@@ -172,19 +202,19 @@ def plot_heatmap(m: CoverageMap, out_dir: str | Path, stem: str = "heatmap", tit
     ax.set_xlabel(axis_label(m.test_axis), fontsize=10)
     ax.set_ylabel(axis_label(m.coverage), fontsize=10)
     cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+    ref = ESTIMATOR_LABEL.get(m.relative_to or "", m.relative_to)
     if m.relative_to is None:
-        cb_label = "model error (lower is better)"
+        cb_label = "transformer error (lower is better)"
     elif m.mode == "ratio":
-        cb_label = f"model / {m.relative_to} (1 = as good; red = worse)"
+        cb_label = f"transformer / {ref} (1 = as good; red = worse)"
     else:
-        cb_label = f"model − {m.relative_to} (0 = as good; red = worse)"
+        cb_label = f"transformer − {ref} (0 = as good; red = worse)"
     cb.set_label(cb_label, fontsize=9)
     ax.legend(handles=[Line2D([], [], color="black", lw=2.6, label="inside the pretraining support")],
               loc="upper left", bbox_to_anchor=(0, -0.12 if max(map(len, xlabels), default=0) < 8 else -0.3),
               fontsize=8, frameon=False)
-    sweep = m.meta.get("sweep", "")
     where = ", ".join(f"{k}={v}" for k, v in m.meta.get("where", {}).items())
-    ax.set_title(title or f"{sweep}: {m.value_label}" + (f" [{where}]" if where else ""), fontsize=11)
+    ax.set_title(title or value_label(m) + (f" [{where}]" if where else ""), fontsize=11)
     return save(fig, out_dir, stem)
 
 
@@ -225,7 +255,7 @@ def plot_curves(
         where = ""
         if support is not None and task in support:
             where = "\n(inside pretraining support)" if support[task] else "\n(outside pretraining support)"
-        ax.set_title(_wrap(task, 44) + where, fontsize=9)
+        ax.set_title(_wrap(family_label(str(task)), 44) + where, fontsize=9)
         ax.grid(alpha=0.25)
         if idx % ncols == 0:
             ax.set_ylabel("normalized squared error")
@@ -275,16 +305,17 @@ def plot_model_selection(table: pd.DataFrame, out_dir: str | Path, stem: str = "
         spec = sub[sub["series"] == "specialist"]
         if not spec.empty and np.isfinite(spec["mean"].iloc[0]):
             r = spec.iloc[0]
-            ax.axhline(r["mean"], color="#9467bd", lw=1.6, ls="--", label=f"specialist (weight 1 on {fam})")
+            ax.axhline(r["mean"], color="#9467bd", lw=1.6, ls="--",
+                       label=f"specialist (weight 1 on {family_label(fam)})")
             if np.isfinite(r["ci_low"]):  # one seed has no interval
                 ax.axhspan(r["ci_low"], r["ci_high"], color="#9467bd", alpha=0.12, lw=0)
         bt = sub[sub["series"] == "bayes_task"]
         if not bt.empty and bt["mean"].notna().any():
             ax.axhline(float(bt["mean"].mean()), color=ESTIMATOR_STYLE["bayes_task"]["color"], lw=1.2, ls=":",
                        label=ESTIMATOR_LABEL["bayes_task"])
-        ax.set_xlabel(f"pretraining weight of {fam}")
-        ax.set_ylabel(f"error on {fam} ({k_label})")
-        ax.set_title(f"eval on {fam}", fontsize=10)
+        ax.set_xlabel(f"pretraining weight of {family_label(fam)}")
+        ax.set_ylabel(f"error on {family_label(fam)} ({k_label})")
+        ax.set_title(f"eval on {family_label(fam)}", fontsize=10)
         ax.set_xlim(-0.05, 1.05)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.25)

@@ -231,15 +231,6 @@ class CoverageMap:
     mode: str
     meta: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def value_label(self) -> str:
-        kk = "mean over k ≥ 1" if self.k == "all" else f"k = {self.k}"
-        if self.relative_to is None:
-            return f"model error ({kk})"
-        if self.mode == "ratio":
-            return f"model / {self.relative_to} error ({kk})"
-        return f"model − {self.relative_to} error ({kk})"
-
     def to_long(self) -> pd.DataFrame:
         """One row per cell: coverage, test value, mean, ci_low, ci_high, n, n_trials, in_support."""
         out = []

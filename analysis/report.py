@@ -155,15 +155,16 @@ def write_report(
 
     # maps
     maps_html = []
-    specs = [(ref, "heatmap")] + ([(None, "heatmap_error")] if ref is not None else [])
-    for rel, stem in specs:
+    for rel in [ref] + ([None] if ref is not None else []):
         m = coverage_map(frame, coverage, test_axis, k, rel, mode=mode, where=None)
         m.meta.update(sweep=sweep, where=dict(where or {}))
+        stem = figures.heatmap_stem(m)
         png = figures.plot_heatmap(m, out, stem)[0]
         m.to_long().to_csv(out / f"{stem}.csv", index=False)
-        maps_html.append(f"<h3>{html.escape(m.value_label)}</h3>{_img(png)}"
-                         f'<p class="note">Cells: mean over seeds [90 % bootstrap interval over seeds] (trials with a '
-                         f"value / trials). Outlined: the test task is inside the pretraining support. "
+        maps_html.append(f"<h3>{html.escape(figures.value_label(m))}</h3>{_img(png)}"
+                         '<p class="note">Cells: mean over seeds [90 % Student-t interval over seeds] (n = trials '
+                         "with a value, of how many ran; one seed has no interval). Outlined: the test task is inside "
+                         "the pretraining support. "
                          f'Table as CSV: <a href="{stem}.csv">{stem}.csv</a></p>{map_html(m)}')
     sections.append("<h2>Coverage vs generalization</h2>" + "".join(maps_html))
 
@@ -175,7 +176,7 @@ def write_report(
     else:
         if not ms.empty:
             klab = "mean over k ≥ 1" if k == "all" else f"k = {k}"
-            png = figures.plot_model_selection(ms, out, "model_selection", f"{sweep}: model selection", klab)[0]
+            png = figures.plot_model_selection(ms, out, "model_selection", "model selection", klab)[0]
             ms.to_csv(out / "model_selection.csv", index=False)
             sections.append("<h2>Model selection</h2>" + _img(png)
                             + table_html(ms, left=("family", "series")))
@@ -184,12 +185,12 @@ def write_report(
     values = coverage_values(frame, coverage)
     curve_html = []
     dims = frame["dim"].dropna().unique()
-    for i, value in enumerate(values[:max_curve_figures]):
+    for value in values[:max_curve_figures]:
         sub = frame[frame[coverage].astype(str) == str(value)]
         curves = icl_curves(sub)
         label = figures.short_label(value)
-        stem = f"curves_{i:02d}_{figures.slug(label)}"
-        png = figures.plot_curves(curves, out, stem, f"{sweep}: {figures.axis_label(coverage)} = {label}",
+        stem = figures.curves_stem(coverage, value)
+        png = figures.plot_curves(curves, out, stem, f"{figures.axis_label(coverage)} = {label}",
                                   task_support(sub), int(dims[0]) if len(dims) == 1 else None)[0]
         curves.to_csv(out / f"{stem}.csv", index=False)
         curve_html.append(f"<h3>{html.escape(figures.axis_label(coverage))} = {html.escape(label)}</h3>{_img(png)}"

@@ -53,6 +53,10 @@ class Family(ABC):
         """Floats one sampled function holds while a prompt is made (its weights, its hidden units)."""
         return dim
 
+    def label(self) -> str:
+        """The family as a figure names it, e.g. `sparse linear (1 non-zero)`."""
+        return self.name.replace("_", " ")
+
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
@@ -145,6 +149,9 @@ class SparseLinear(Family):
         if self.nnz > dim:
             raise FamilyError("nnz", f"nnz={self.nnz} exceeds the input dimension dim={dim}")
 
+    def label(self) -> str:
+        return f"sparse linear ({self.nnz} non-zero)"
+
     def sample(self, n, dim, generator, active_dim=None):
         a = _active(dim, active_dim)
         nnz = min(self.nnz, a)  # early in the curriculum fewer coordinates may be active
@@ -185,6 +192,10 @@ class Sine(Family):
         if self.freq_lo > self.freq_hi:
             raise FamilyError("freq_hi", f"freq_hi={self.freq_hi} is below freq_lo={self.freq_lo}")
 
+    def label(self) -> str:
+        band = f"{self.freq_lo:g}" if self.freq_lo == self.freq_hi else f"{self.freq_lo:g}–{self.freq_hi:g}"
+        return f"sine (ω = {band})"
+
     def sample(self, n, dim, generator, active_dim=None):
         a = _active(dim, active_dim)
         u = torch.zeros(n, dim, device=_device(generator))
@@ -220,6 +231,9 @@ class ReluNet(Family):
 
     def floats_per_prompt(self, dim, n_points):
         return self.hidden * (dim + 1 + n_points)
+
+    def label(self) -> str:
+        return f"ReLU net ({self.hidden} units)"
 
     def sample(self, n, dim, generator, active_dim=None):
         a = _active(dim, active_dim)
@@ -265,6 +279,9 @@ class Convex(Family):
 
     def floats_per_prompt(self, dim, n_points):
         return self.a.floats_per_prompt(dim, n_points) + self.b.floats_per_prompt(dim, n_points)
+
+    def label(self) -> str:
+        return f"{self.alpha:g}·{self.a.label()} + {1 - self.alpha:g}·{self.b.label()}"
 
     def sample(self, n, dim, generator, active_dim=None):
         fa = self.a.sample(n, dim, generator, active_dim)
@@ -312,6 +329,11 @@ class Mixture(Family):
 
     def floats_per_prompt(self, dim, n_points):
         return max(c.floats_per_prompt(dim, n_points) for c in self.components)
+
+    def label(self) -> str:
+        if len(self.components) == 1:
+            return self.components[0].label()
+        return " + ".join(f"{w:g} {c.label()}" for c, w in self.items())
 
     def check(self, dim):
         for i, c in enumerate(self.components):

@@ -398,7 +398,7 @@ def test_report_self_contained_and_renders(synth, tmp_path, capsys):
     exp = client.get_experiment_by_name("synth")
     parent = client.search_runs([exp.experiment_id], "tags.`iclmix.role` = 'parent'")[0]
     logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "analysis/report")}
-    assert "report.html" in logged and "heatmap.png" in logged
+    assert "report.html" in logged and any(n.startswith("heatmap_") and n.endswith(".png") for n in logged)
 
     exe = _chromium()
     shot = tmp_path / "shot.png"
@@ -442,3 +442,32 @@ def test_analysis_never_imports_ray():
             "assert 'ray' not in sys.modules, 'ray imported'")
     got = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert got.returncode == 0, got.stderr[-2000:]
+
+
+def test_figures_speak_in_labels_not_ids():
+    from analysis import figures
+
+    assert figures.short_label("sparse_linear(nnz=1)") == "sparse linear (1 non-zero)"
+    assert figures.short_label("mixture(0.5*linear+0.5*sparse_linear(nnz=1))") == \
+        "0.5 linear + 0.5 sparse linear (1 non-zero)"
+    assert figures.short_label("sine(freq_lo=0.5,freq_hi=3.0)") == "sine (ω = 0.5–3)"
+    assert figures.axis_label("weight:sparse_linear(nnz=1)") == "pretraining weight of sparse linear (1 non-zero)"
+    assert figures.short_label("[1, 2]") == "[1, 2]" and figures.short_label(0.25) == "0.25"
+    # wrapped between words, never inside one
+    wrapped = figures._wrap("0.5 linear + 0.5 sparse linear (1 non-zero)", 16).split("\n")
+    assert all(len(line) <= 16 for line in wrapped) and " ".join(wrapped).split() == \
+        "0.5 linear + 0.5 sparse linear (1 non-zero)".split()
+    assert figures._wrap("sparse_linear(nnz=1)", 8) == "sparse_linear(nnz=1)"
+
+
+@pytest.mark.parametrize("values, cmap", [([0.1, 0.5, 1.4], "Reds"), ([-0.3, -0.1], "Blues_r"),
+                                          ([-0.2, 0.4], "RdBu_r")])
+def test_heatmap_colour_scale_fits_the_data(values, cmap):
+    from types import SimpleNamespace
+
+    from analysis import figures
+
+    m = SimpleNamespace(relative_to="bayes_task", mode="excess")
+    norm, name = figures._norm(m, np.array(values))
+    assert name == cmap
+    assert norm(min(values)) >= 0 and norm(max(values)) <= 1
