@@ -68,13 +68,17 @@ def heatmap_stem(m: CoverageMap) -> str:
     """The file name of a map, saying what it is; the CLI and the report write one map to one file."""
     stem = f"heatmap_{slug(m.coverage)}_{slug(m.test_axis)}_k{m.k}"
     if m.relative_to is None:
-        return stem + "_error"
+        return stem
     return stem + (f"_ratio_vs_{m.relative_to}" if m.mode == "ratio" else f"_vs_{m.relative_to}")
 
 
 def curves_stem(coverage: str, value: Any) -> str:
     """The file name of the ICL curves of the trials at one coverage value."""
-    return f"curves_{slug(coverage)}_{slug(value if isinstance(value, str) else short_label(value))}"
+    if isinstance(value, str):
+        text = value[len("mixture("):-1] if value.startswith("mixture(") else value
+    else:
+        text = short_label(value)
+    return f"curves_{slug(coverage)}_{slug(text)}"
 
 
 def family_label(family_id: str) -> str:
