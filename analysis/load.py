@@ -40,7 +40,6 @@ TAG_ERROR = "iclmix.error"
 
 EVAL_CSV = "eval.csv"
 CONFIG_YAML = "config.yaml"
-ROW_COLUMNS = ("task", "k", "estimator", "error", "ci_low", "ci_high", "n_prompts")
 TASK_COLUMNS = ("task_family", "nnz", "freq", "alpha", "in_support")
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _SKIP_PARAMS = ("data.mixture", "eval.tasks", "eval.estimators", "seed")

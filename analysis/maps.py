@@ -25,7 +25,6 @@ from icl_core.config import ConfigError
 from .coverage import COVERAGE_AXES, TEST_AXES, coverage_sort_key
 
 CLASSICAL = ("zero", "averaging", "ols", "ridge", "lasso", "knn")
-REFERENCES = ("bayes_task", "best_baseline")
 RATIO_EPS = 1e-3  # errors are normalized (zero predictor = 1); below 1e-3 a task counts as solved
 LEVEL = 0.9  # the intervals' coverage: 90 %, as the eval's prompt bootstrap
 

@@ -63,7 +63,7 @@ class DataConfig(_Strict):
     n_points: int = Field(41, ge=1)
     noise_std: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     mixture: list[dict[str, Any]] = Field(default_factory=lambda: [{"family": "linear", "weight": 1.0}])
-    curriculum: Curriculum | None = None  # off by default; Garg's schedule is `garg_curriculum()`
+    curriculum: Curriculum | None = None  # off by default; sweeps/mixture_weights.yaml spells out Garg's
 
     @field_validator("mixture", mode="before")
     @classmethod
@@ -457,14 +457,6 @@ def canonical_json(data: Any) -> str:
 def config_hash(data: Mapping[str, Any]) -> str:
     """A stable short hash of a resolved config (key order and formatting do not matter)."""
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
-
-
-def garg_curriculum() -> Curriculum:
-    """Garg et al.'s curriculum for d = 20, 41 points."""
-    return Curriculum(
-        dims=CurriculumAxis(start=5, end=20, inc=1, interval=2000),
-        points=CurriculumAxis(start=11, end=41, inc=2, interval=2000),
-    )
 
 
 def dump_yaml(cfg: RunConfig) -> str:

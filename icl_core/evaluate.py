@@ -184,15 +184,6 @@ def write_eval_csv(rows: Iterable[EvalRow], path: str | Path) -> Path:
     return path
 
 
-def read_eval_csv(path: str | Path) -> list[EvalRow]:
-    with open(path, newline="") as f:
-        return [
-            EvalRow(r["task"], int(r["k"]), r["estimator"], float(r["error"]), float(r["ci_low"]),
-                    float(r["ci_high"]), int(r["n_prompts"]))
-            for r in csv.DictReader(f)
-        ]
-
-
 def summarize(rows: Iterable[EvalRow], estimator: str = "model") -> dict[str, float]:
     """Scalar summaries for tracking: `eval_loss` is the estimator's error averaged over tasks and k."""
     by_task: dict[str, list[float]] = {}

@@ -193,9 +193,10 @@ def run_trial(config: dict[str, Any]) -> None:
     client = MlflowClient(t["tracking_uri"])
     store = CheckpointStore(t["store"])
     work = Path(tempfile.mkdtemp(prefix=f"iclmix-{key}-"))
+    run_id: str | None = None
     try:
         source = _restore(work, store, key)
-        run_id, resumed_step = None, 0
+        resumed_step = 0
         if (work / CHECKPOINT).exists():
             ckpt = load_checkpoint(work / CHECKPOINT)
             run_id, resumed_step = ckpt.get("extra", {}).get("mlflow_run_id"), ckpt["step"]
@@ -245,7 +246,7 @@ def run_trial(config: dict[str, Any]) -> None:
         tr.end_run(client, run_id, "FINISHED")
         tune.report({"step": result.step, "progress": 1.0, "iclmix_failed": 0, **summary})
     except Exception as e:
-        if "run_id" in locals() and run_id:
+        if run_id:
             tr.set_tags(client, run_id, {tr.TAG_ERROR: f"{type(e).__name__}: {e}"[:4000],
                                          "iclmix.traceback": traceback.format_exc()[-4000:]})
             tr.end_run(client, run_id, "FAILED")
