@@ -387,9 +387,11 @@ class _Loader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if key != "<<" and isinstance(key, str | int | float | bool) and key in seen:
+            if key == "<<" or not isinstance(key, str | int | float | bool):  # merge keys; unhashable keys
+                continue
+            if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key) if isinstance(key, str | int | float | bool) else None
+            seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 

@@ -192,14 +192,20 @@ def limit_file_size(limit: int):
     return apply
 
 
-def test_disk_full_during_a_checkpoint_is_one_line_and_the_run_resumes(tmp_path):
-    # A 20-step run cut at its step-10 checkpoint, then resumed where no file may grow to a checkpoint's size.
-    run, cfg20 = tmp_path / "run", validate_run_config(tiny())
+def cut_twenty_step_run(run: Path) -> bytes:
+    """`run` as a 20-step run cut at its step-10 checkpoint; returns that checkpoint's bytes."""
+    cfg20 = validate_run_config(tiny())
     train(validate_run_config(tiny(steps=10)), run, progress=False)
     ckpt = load_checkpoint(run / CHECKPOINT)
-    ckpt["config"], ckpt["config_hash"] = cfg20.to_dict(), cfg20.config_hash  # as if the 20-step run was cut
+    ckpt["config"], ckpt["config_hash"] = cfg20.to_dict(), cfg20.config_hash
     atomic_torch_save(ckpt, run / CHECKPOINT)
-    saved = (run / CHECKPOINT).read_bytes()
+    return (run / CHECKPOINT).read_bytes()
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_the_run_resumes(tmp_path):
+    # A 20-step run cut at its step-10 checkpoint, then resumed where no file may grow to a checkpoint's size.
+    run = tmp_path / "run"
+    saved = cut_twenty_step_run(run)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny()))
     args = [sys.executable, "-m", "iclmix", "train", str(tmp_path / "c.yaml"), "--out", str(run), "--resume",
             "--no-progress"]
@@ -229,12 +235,8 @@ def small_tmpfs(tmp_path):
 
 
 def test_a_full_file_system_during_a_checkpoint_is_one_line_and_the_run_resumes(tmp_path, small_tmpfs):
-    run, cfg20 = small_tmpfs / "run", validate_run_config(tiny())
-    train(validate_run_config(tiny(steps=10)), run, progress=False)
-    ckpt = load_checkpoint(run / CHECKPOINT)
-    ckpt["config"], ckpt["config_hash"] = cfg20.to_dict(), cfg20.config_hash  # as if the 20-step run was cut
-    atomic_torch_save(ckpt, run / CHECKPOINT)
-    saved = (run / CHECKPOINT).read_bytes()
+    run = small_tmpfs / "run"
+    saved = cut_twenty_step_run(run)
     free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
     filler = small_tmpfs / "filler"
     filler.write_bytes(b"\0" * (free - len(saved) // 2))  # room for the metrics, not for another checkpoint
