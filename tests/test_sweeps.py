@@ -130,7 +130,9 @@ def _name(p: psutil.Process) -> str:
 
 def test_driver_killed_mid_sweep_resumes_each_trial_once(tmp_path, mlflow_server):
     uri = mlflow_server.uri
-    base = {**BASE, "train": {**BASE["train"], "steps": 400, "checkpoint_every": 25, "log_every": 25}}
+    # Long enough that a trial with a checkpoint is still training when the driver dies, however fast the machine.
+    steps = 3000
+    base = {**BASE, "train": {**BASE["train"], "steps": steps, "checkpoint_every": 100, "log_every": 100}}
     sweep = tmp_path / "kill.yaml"
     sweep.write_text(yaml.safe_dump({"name": "killme", "base": base, "seeds": [0, 1, 2],
                                      "grid": {"model.n_embd": [8]}}))
@@ -157,18 +159,22 @@ def test_driver_killed_mid_sweep_resumes_each_trial_once(tmp_path, mlflow_server
         p.kill()
     assert not alive, [name for _, name in alive]
     assert not Path(temp_dir).exists()
-    assert trial_runs(uri, "killme").status.eq("FINISHED").sum() < 3
+    before = trial_runs(uri, "killme")
+    finished = set(before.loc[before.status.eq("FINISHED"), "tags.iclmix.config_hash"])
+    interrupted = {p.parent.name for p in ckpts.glob("*/checkpoint.pt")} - finished
+    assert interrupted, "no trial was killed between two checkpoints"
 
     r = run_cli("sweep", "run", sweep, "--tracking-uri", uri, "--storage", store, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     runs = trial_runs(uri, "killme")
     assert len(runs) == 3 and runs["tags.iclmix.config_hash"].nunique() == 3
     assert (runs.status == "FINISHED").all()
-    assert "store" in set(runs["tags.iclmix.resumed_from"])  # continued from its checkpoint, not step 0
+    resumed = runs.set_index("tags.iclmix.config_hash")["tags.iclmix.resumed_from"]
+    assert {h: resumed[h] for h in interrupted} == dict.fromkeys(interrupted, "store")  # not from step 0
     client = MlflowClient(uri)
     for run_id in runs.run_id:
-        steps = metric_steps(client, run_id)
-        assert steps == sorted(set(steps)) and steps[-1] == 400  # each step logged once
+        logged = metric_steps(client, run_id)
+        assert logged == sorted(set(logged)) and logged[-1] == steps  # each step logged once
 
 
 def test_optuna_searches_inside_each_cell(tmp_path, mlflow_server):
