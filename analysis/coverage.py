@@ -1,8 +1,6 @@
 """Coverage descriptors of a pretraining mixture, parameter axes of an eval task, and the pretraining support.
 
-Everything here works on `icl_core.families` objects; `parse_family_id` turns a stored canonical id
-(``sparse_linear(nnz=3)``, ``mixture(0.5*linear+0.5*sine(freq_lo=1.0,freq_hi=2.0))``) back into a family
-when only the id is at hand (the params of a trial that failed before logging its config).
+Everything here works on `icl_core.families` objects (`family_from_id` turns a stored canonical id back into one).
 """
 
 from __future__ import annotations
@@ -11,79 +9,10 @@ import math
 import re
 from typing import Any
 
-from icl_core.families import FAMILIES, Convex, Family, FamilyError, Linear, Mixture, Sine, SparseLinear
+from icl_core.families import Convex, Family, Linear, Mixture, Sine, SparseLinear, family_from_id, parse_family_id  # noqa: F401 (re-exported)
 
 COVERAGE_AXES = ("nnz_set", "freq_band", "mixture")  # besides `weight:<family id>` and any trial column
 TEST_AXES = ("nnz", "freq", "alpha", "task")
-
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$")
-_INT = re.compile(r"^[+-]?\d+$")
-
-
-def _split_top(text: str, sep: str) -> list[str]:
-    """Split at `sep` outside parentheses."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        elif ch == sep and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return parts
-
-
-def _parse_value(text: str) -> Any:
-    if _INT.match(text):
-        return int(text)
-    if _NUMBER.match(text):
-        return float(text)
-    if "(" in text or text in FAMILIES or text == "mixture":
-        return _parse_spec(text)
-    return text
-
-
-def _parse_spec(text: str) -> Any:
-    m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:\((.*)\))?", text.strip(), flags=re.S)
-    if not m:
-        raise FamilyError("family", f"not a canonical family id: {text!r}")
-    name, inner = m.group(1), m.group(2)
-    if name == "mixture":
-        entries = []
-        for part in _split_top(inner or "", "+"):
-            weight, sep, fid = part.partition("*")
-            if not sep:
-                raise FamilyError("mixture", f"expected weight*family in {text!r}")
-            spec = _parse_spec(fid)
-            if isinstance(spec, list):
-                raise FamilyError("mixture", f"nested mixture in {text!r}")
-            entries.append({**spec, "weight": float(weight)})
-        return entries
-    spec: dict[str, Any] = {"family": name}
-    if inner:
-        for arg in _split_top(inner, ","):
-            key, sep, value = arg.partition("=")
-            if not sep:
-                raise FamilyError("family", f"expected key=value in {text!r}")
-            spec[key.strip()] = _parse_value(value.strip())
-    return spec
-
-
-def parse_family_id(text: str) -> Any:
-    """The config spec of a canonical id: a dict for a family, a list of weighted dicts for a mixture.
-
-    Round-trips: ``task_family(parse_family_id(f.canonical_id)).canonical_id == f.canonical_id``.
-    """
-    return _parse_spec(text)
-
-
-def family_from_id(text: str) -> Family:
-    from icl_core.config import task_family
-
-    return task_family(parse_family_id(text))
-
 
 # ---------------------------------------------------------------- coverage of a pretraining mixture
 

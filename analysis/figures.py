@@ -83,14 +83,11 @@ def curves_stem(coverage: str, value: Any) -> str:
 
 def family_label(family_id: str) -> str:
     """A family or mixture id as a person reads it (each family's own `label`), or the text as it is."""
-    from icl_core.config import task_family
-    from icl_core.families import FamilyError
-
-    from .coverage import parse_family_id
+    from icl_core.families import family_from_id
 
     try:
-        return task_family(parse_family_id(family_id)).label()
-    except (FamilyError, ValueError, TypeError, KeyError):
+        return family_from_id(family_id).label()
+    except (ValueError, TypeError, KeyError):  # ConfigError is a ValueError
         return family_id
 
 

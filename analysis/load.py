@@ -27,7 +27,7 @@ from icl_core.config import ESTIMATORS, ConfigError, task_family
 from icl_core.families import Family, Mixture, build_mixture
 from sweeps.tracking import check_reachable, search_all, tracking_uri_from_env  # MLflow + icl_core only: no Ray
 
-from .coverage import coverage_descriptors, in_support, parse_family_id, task_axes
+from .coverage import coverage_descriptors, family_from_id, in_support, parse_family_id, task_axes
 
 TAG_SWEEP = "iclmix.sweep"
 TAG_ROLE = "iclmix.role"
@@ -324,7 +324,7 @@ def load_sweep(
         for tid in pd.unique(ev["task"]):
             key = (tid, tc.mixture.canonical_id, tc.dim)
             if key not in support:
-                fam = by_id.get(tid) or task_family(parse_family_id(tid))
+                fam = by_id.get(tid) or family_from_id(tid)
                 support[key] = {**task_axes(fam, tc.dim), "in_support": in_support(fam, tc.mixture, tc.dim)}
             per_task[tid] = support[key]
         ev = ev.assign(**{c: ev["task"].map({t: v[c] for t, v in per_task.items()}) for c in TASK_COLUMNS})

@@ -47,8 +47,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def load_tasks(path: str, dim: int) -> list:
     """Test families from a YAML file: a list of specs, or a mapping with a `tasks:` list."""
     from .config import read_yaml, task_family
-    from .families import FamilyError
-
     data = read_yaml(path)
     if isinstance(data, dict) and "tasks" in data:
         data = data["tasks"]
@@ -59,8 +57,8 @@ def load_tasks(path: str, dim: int) -> list:
         try:
             fam = task_family(spec)
             fam.check(dim)
-        except FamilyError as e:
-            raise ConfigError(f"{path}: tasks[{i}].{e.field}", e.message) from None
+        except ConfigError as e:
+            raise e.under(f"{path}: tasks[{i}]") from None
         tasks.append(fam)
     return tasks
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, check_writable_folder  # noqa: F401 (re-exported)
-from .families import Family, FamilyError, Mixture, build_family, build_mixture
+from .errors import ConfigError, Strict, check_writable_folder, from_validation_error  # noqa: F401 (re-exported)
+from .families import Family, Mixture, build_family, build_mixture
 
 # Limits with reasons (README, "Limits"): far above any run this project makes, low enough that a typo fails here
 # with its field named rather than late, in an allocation or an overflow.
@@ -28,12 +28,7 @@ MAX_STEPS = 10**8  # 200 x the paper's 500 k steps
 MAX_TRIAL_GIB = 64.0  # the estimated memory of one trial: model and Adam state, activations, the prompt batch
 
 
-class _Strict(BaseModel):
-    # strict: `steps: true` or `steps: "50"` is an error, not 1 step or a silent coercion
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class CurriculumAxis(_Strict):
+class CurriculumAxis(Strict):
     """Grow a quantity from `start` to `end` by `inc` every `interval` steps (Garg et al.)."""
 
     start: int = Field(ge=1)
@@ -44,21 +39,21 @@ class CurriculumAxis(_Strict):
     @model_validator(mode="after")
     def _start_to_end(self) -> CurriculumAxis:
         if self.start > self.end:
-            raise _FieldError("start", f"start={self.start} is past end={self.end}: a curriculum grows")
+            raise ConfigError("start", f"start={self.start} is past end={self.end}: a curriculum grows")
         return self
 
     def at(self, step: int) -> int:
         return min(self.end, self.start + self.inc * (step // self.interval))
 
 
-class Curriculum(_Strict):
+class Curriculum(Strict):
     """Garg et al.: dims 5 -> 20 (+1 every 2000 steps), points 11 -> 41 (+2 every 2000 steps)."""
 
     dims: CurriculumAxis | None = None
     points: CurriculumAxis | None = None
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     dim: int = Field(20, ge=1)
     n_points: int = Field(41, ge=1)
     noise_std: float = Field(0.0, ge=0.0, allow_inf_nan=False)
@@ -68,22 +63,19 @@ class DataConfig(_Strict):
     @field_validator("mixture", mode="before")
     @classmethod
     def _canonical_mixture(cls, v: Any) -> Any:
-        try:
-            return build_mixture(v).to_spec()
-        except FamilyError as e:
-            raise _FieldError(e.field, e.message) from None
+        return build_mixture(v).to_spec()  # a ConfigError names the field inside the mixture
 
     @model_validator(mode="after")
     def _check_dims(self) -> DataConfig:
         try:
             self.family.check(self.dim)
-        except FamilyError as e:
-            raise _FieldError("mixture" + _join(e.field), e.message) from None
+        except ConfigError as e:
+            raise e.under("mixture") from None
         c = self.curriculum
         if c and c.dims and c.dims.end > self.dim:
-            raise _FieldError("curriculum.dims.end", f"{c.dims.end} exceeds dim={self.dim}")
+            raise ConfigError("curriculum.dims.end", f"{c.dims.end} exceeds dim={self.dim}")
         if c and c.points and c.points.end > self.n_points:
-            raise _FieldError("curriculum.points.end", f"{c.points.end} exceeds n_points={self.n_points}")
+            raise ConfigError("curriculum.points.end", f"{c.points.end} exceeds n_points={self.n_points}")
         return self
 
     @cached_property
@@ -99,7 +91,7 @@ class DataConfig(_Strict):
         return c.points.at(step) if c and c.points else self.n_points
 
 
-class ModelConfigSpec(_Strict):
+class ModelConfigSpec(Strict):
     """Transformer size (paper and Garg et al.: 12 layers, 8 heads, 256 dims)."""
 
     n_layer: int = Field(12, ge=1)
@@ -111,11 +103,11 @@ class ModelConfigSpec(_Strict):
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfigSpec:
         if self.n_embd % self.n_head:
-            raise _FieldError("n_embd", f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            raise ConfigError("n_embd", f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """Adam(W) training; defaults are Garg et al.'s (lr 1e-4 constant, batch 64, 500k steps)."""
 
     steps: int = Field(500_000, ge=1, le=MAX_STEPS)
@@ -145,34 +137,34 @@ class TrainConfig(_Strict):
     def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
         for i, b in enumerate(v):
             if not 0.0 <= b < 1.0:
-                raise _FieldError(f"[{i}]", f"Adam's betas are in [0, 1), got {b!r}")
+                raise ConfigError(f"[{i}]", f"Adam's betas are in [0, 1), got {b!r}")
         return v
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainConfig:
         if self.warmup_steps > self.steps:
-            raise _FieldError("warmup_steps", f"{self.warmup_steps} warm-up steps in a run of {self.steps}")
+            raise ConfigError("warmup_steps", f"{self.warmup_steps} warm-up steps in a run of {self.steps}")
         return self
 
     @model_validator(mode="after")
     def _decay_fits(self) -> TrainConfig:
         if self.schedule == "wsd" and not 0 < self.decay_steps <= self.steps - self.warmup_steps:
-            raise _FieldError("decay_steps", f"schedule wsd needs 0 < decay_steps <= steps - warmup_steps "
+            raise ConfigError("decay_steps", f"schedule wsd needs 0 < decay_steps <= steps - warmup_steps "
                               f"({self.steps - self.warmup_steps}); got {self.decay_steps}")
         if self.schedule != "wsd" and self.decay_steps:
-            raise _FieldError("decay_steps", f"only schedule wsd decays over decay_steps (schedule is {self.schedule})")
+            raise ConfigError("decay_steps", f"only schedule wsd decays over decay_steps (schedule is {self.schedule})")
         return self
 
     @model_validator(mode="after")
     def _one_way_to_speed_up(self) -> TrainConfig:
         if self.compile and self.cuda_graph:
-            raise _FieldError("cuda_graph", "train.cuda_graph and train.compile are two ways to the same end; "
+            raise ConfigError("cuda_graph", "train.cuda_graph and train.compile are two ways to the same end; "
                               "set one of them")
         if self.batch_threads > 1 and self.compile:
-            raise _FieldError("batch_threads", "train.batch_threads and train.compile do not combine (the shards "
+            raise ConfigError("batch_threads", "train.batch_threads and train.compile do not combine (the shards "
                               "would run compiled code from several threads at once); set one of them")
         if self.batch_threads > self.batch_size:
-            raise _FieldError("batch_threads", f"{self.batch_threads} threads need a batch of at least as many "
+            raise ConfigError("batch_threads", f"{self.batch_threads} threads need a batch of at least as many "
                               f"prompts (train.batch_size is {self.batch_size})")
         return self
 
@@ -180,7 +172,7 @@ class TrainConfig(_Strict):
 ESTIMATORS = ("model", "zero", "averaging", "ols", "ridge", "lasso", "knn", "bayes_pretrain", "bayes_task")
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     """Evaluation after training: the same prompts for the model and every estimator (Garg: 1280 prompts)."""
 
     n_prompts: int = Field(1280, ge=2, le=10**7)
@@ -193,13 +185,13 @@ class EvalConfig(_Strict):
     @classmethod
     def _canonical_tasks(cls, v: Any) -> Any:
         if not isinstance(v, list):
-            raise _FieldError("", "must be a list of family specs like {family: linear}")
+            raise ConfigError("", "must be a list of family specs like {family: linear}")
         out = []
         for i, spec in enumerate(v):
             try:
                 out.append(task_family(spec).to_spec())
-            except FamilyError as e:
-                raise _FieldError(f"[{i}]" + _join(e.field), e.message) from None
+            except ConfigError as e:
+                raise e.under(f"[{i}]") from None
         return out
 
     @field_validator("estimators")
@@ -207,7 +199,7 @@ class EvalConfig(_Strict):
     def _known_estimators(cls, v: list[str]) -> list[str]:
         for i, name in enumerate(v):
             if name not in ESTIMATORS:
-                raise _FieldError(f"[{i}]", f"unknown estimator {name!r} (known: {', '.join(ESTIMATORS)})")
+                raise ConfigError(f"[{i}]", f"unknown estimator {name!r} (known: {', '.join(ESTIMATORS)})")
         return v
 
 
@@ -261,7 +253,7 @@ def task_family(spec: Any) -> Family:
     return build_family(spec)
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     """One training run: seed, data, model, train and an optional eval section."""
 
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -274,7 +266,7 @@ class RunConfig(_Strict):
     def _fits_in_memory(self) -> RunConfig:
         problem = memory_problem(self, MAX_TRIAL_GIB * 2**30, f"the {MAX_TRIAL_GIB:g} GiB limit per trial")
         if problem:
-            raise _FieldError(*problem)
+            raise ConfigError(*problem)
         return self
 
     @model_validator(mode="after")
@@ -284,8 +276,8 @@ class RunConfig(_Strict):
         for i, spec in enumerate(self.eval.tasks):
             try:
                 task_family(spec).check(self.data.dim)
-            except FamilyError as e:
-                raise _FieldError(f"eval.tasks[{i}]" + _join(e.field), e.message) from None
+            except ConfigError as e:
+                raise e.under(f"eval.tasks[{i}]") from None
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -304,41 +296,6 @@ class RunConfig(_Strict):
         if self.eval and self.eval.tasks:
             return [task_family(t) for t in self.eval.tasks]
         return list(self.data.family.components)
-
-
-class _FieldError(ValueError):
-    """Raised inside validators; carries a field path relative to the validated value."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-def _join(field: str) -> str:
-    return field if field.startswith("[") or not field else "." + field
-
-
-def _loc_path(loc: Iterable[Any]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
-    return out
-
-
-def from_validation_error(err: ValidationError) -> ConfigError:
-    first = err.errors()[0]
-    path = _loc_path(first["loc"])
-    ctx_err = (first.get("ctx") or {}).get("error")
-    if isinstance(ctx_err, _FieldError):
-        path = path + _join(ctx_err.field) if path else ctx_err.field
-        return ConfigError(path, ctx_err.message)
-    if first["type"] == "extra_forbidden":
-        return ConfigError(path, "unknown key")
-    if first["type"] == "missing":
-        return ConfigError(path, "required")
-    msg = first["msg"].removeprefix("Value error, ")
-    return ConfigError(path, f"{msg} (got {first.get('input')!r})" if "input" in first else msg)
 
 
 def validate_run_config(data: Any) -> RunConfig:

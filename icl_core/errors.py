@@ -1,19 +1,63 @@
-"""The errors a user can meet and the check of an output place, importable without torch (the CLI's `--help`
-must not wait for it)."""
+"""The errors a user can meet, the strict base of every validated input and its error translator, and the check
+of an output place; importable without torch (the CLI's `--help` must not wait for it)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 class ConfigError(ValueError):
-    """Invalid user input; str() is one line: ``field: what is wrong``."""
+    """Invalid user input (a family spec, run config, sweep file or check); str() is one line: ``field: what is
+    wrong``. Raised inside a validator, its field is relative to the value validated there."""
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with its field placed under `prefix` (``mixture`` + ``[0].nnz``)."""
+        return ConfigError(join_field(prefix, self.field), self.message)
+
+
+def join_field(prefix: str, field: str) -> str:
+    """``a`` + ``b`` -> ``a.b``; ``a`` + ``[0]`` -> ``a[0]``; either may be empty."""
+    if not prefix or not field:
+        return prefix or field
+    return prefix + (field if field.startswith("[") else "." + field)
+
+
+class Strict(BaseModel):
+    """The base of every validated input: unknown keys are errors, and so is coercion (`steps: "50"`, `cpu: true`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _loc_path(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out
+
+
+def from_validation_error(err: ValidationError) -> ConfigError:
+    """The first error of a pydantic validation as one ConfigError naming the field."""
+    first = err.errors()[0]
+    path = _loc_path(first["loc"])
+    raised = (first.get("ctx") or {}).get("error")
+    if isinstance(raised, ConfigError):
+        return raised.under(path)
+    if first["type"] == "extra_forbidden":
+        return ConfigError(path, "unknown key")
+    if first["type"] == "missing":
+        return ConfigError(path, "required")
+    msg = first["msg"].removeprefix("Value error, ")
+    return ConfigError(path, f"{msg} (got {first.get('input')!r})" if "input" in first else msg)
 
 
 class NonFiniteLossError(RuntimeError):

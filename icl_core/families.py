@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,14 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-
-class FamilyError(ValueError):
-    """A family spec is invalid; `field` is the offending key relative to the spec."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+from .errors import ConfigError
 
 
 class Functions(ABC):
@@ -47,7 +41,7 @@ class Family(ABC):
         """Draw `n` independent functions of R^dim (reading only the first `active_dim` coordinates)."""
 
     def check(self, dim: int) -> None:  # noqa: B027 (a hook: most families fit any dim)
-        """Raise FamilyError if the family cannot be used at input dimension `dim`."""
+        """Raise ConfigError if the family cannot be used at input dimension `dim`."""
 
     def floats_per_prompt(self, dim: int, n_points: int) -> int:
         """Floats one sampled function holds while a prompt is made (its weights, its hidden units)."""
@@ -82,6 +76,77 @@ def _id_value(v: Any) -> str:
     if isinstance(v, float):
         return repr(v)
     return str(v)
+
+
+# The parser of what `canonical_id` prints: stored ids (``sparse_linear(nnz=3)``,
+# ``mixture(0.5*linear+0.5*sine(freq_lo=1.0,freq_hi=2.0))``) back into config specs.
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$")
+_INT = re.compile(r"^[+-]?\d+$")
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split at `sep` outside parentheses."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def _parse_value(text: str) -> Any:
+    if _INT.match(text):
+        return int(text)
+    if _NUMBER.match(text):
+        return float(text)
+    if "(" in text or text in FAMILIES or text == "mixture":
+        return _parse_spec(text)
+    return text
+
+
+def _parse_spec(text: str) -> Any:
+    m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:\((.*)\))?", text.strip(), flags=re.S)
+    if not m:
+        raise ConfigError("family", f"not a canonical family id: {text!r}")
+    name, inner = m.group(1), m.group(2)
+    if name == "mixture":
+        entries = []
+        for part in _split_top(inner or "", "+"):
+            weight, sep, fid = part.partition("*")
+            if not sep:
+                raise ConfigError("mixture", f"expected weight*family in {text!r}")
+            spec = _parse_spec(fid)
+            if isinstance(spec, list):
+                raise ConfigError("mixture", f"nested mixture in {text!r}")
+            entries.append({**spec, "weight": float(weight)})
+        return entries
+    spec: dict[str, Any] = {"family": name}
+    if inner:
+        for arg in _split_top(inner, ","):
+            key, sep, value = arg.partition("=")
+            if not sep:
+                raise ConfigError("family", f"expected key=value in {text!r}")
+            spec[key.strip()] = _parse_value(value.strip())
+    return spec
+
+
+def parse_family_id(text: str) -> Any:
+    """The config spec of a canonical id: a dict for a family, a list of weighted dicts for a mixture.
+
+    Round-trips: ``task_family(parse_family_id(f.canonical_id)).canonical_id == f.canonical_id``.
+    """
+    return _parse_spec(text)
+
+
+def family_from_id(text: str) -> Family:
+    """The family (or mixture) a canonical id names."""
+    spec = parse_family_id(text)
+    return build_mixture(spec) if isinstance(spec, list) else build_family(spec)
 
 
 FAMILIES: dict[str, type[Family]] = {}
@@ -143,11 +208,11 @@ class SparseLinear(Family):
 
     def __post_init__(self):
         if not isinstance(self.nnz, int) or isinstance(self.nnz, bool) or self.nnz < 1:
-            raise FamilyError("nnz", f"must be a positive integer, got {self.nnz!r}")
+            raise ConfigError("nnz", f"must be a positive integer, got {self.nnz!r}")
 
     def check(self, dim):
         if self.nnz > dim:
-            raise FamilyError("nnz", f"nnz={self.nnz} exceeds the input dimension dim={dim}")
+            raise ConfigError("nnz", f"nnz={self.nnz} exceeds the input dimension dim={dim}")
 
     def label(self) -> str:
         return f"sparse linear ({self.nnz} non-zero)"
@@ -187,10 +252,10 @@ class Sine(Family):
         for field in ("freq_lo", "freq_hi"):
             v = getattr(self, field)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise FamilyError(field, f"must be a finite number >= 0, got {v!r}")
+                raise ConfigError(field, f"must be a finite number >= 0, got {v!r}")
             object.__setattr__(self, field, float(v))
         if self.freq_lo > self.freq_hi:
-            raise FamilyError("freq_hi", f"freq_hi={self.freq_hi} is below freq_lo={self.freq_lo}")
+            raise ConfigError("freq_hi", f"freq_hi={self.freq_hi} is below freq_lo={self.freq_lo}")
 
     def label(self) -> str:
         band = f"{self.freq_lo:g}" if self.freq_lo == self.freq_hi else f"{self.freq_lo:g}–{self.freq_hi:g}"
@@ -227,7 +292,7 @@ class ReluNet(Family):
 
     def __post_init__(self):
         if not isinstance(self.hidden, int) or isinstance(self.hidden, bool) or self.hidden < 1:
-            raise FamilyError("hidden", f"must be a positive integer, got {self.hidden!r}")
+            raise ConfigError("hidden", f"must be a positive integer, got {self.hidden!r}")
 
     def floats_per_prompt(self, dim, n_points):
         return self.hidden * (dim + 1 + n_points)
@@ -267,15 +332,15 @@ class Convex(Family):
     def __post_init__(self):
         a = self.alpha
         if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0.0 <= a <= 1.0:
-            raise FamilyError("alpha", f"must be a number in [0, 1], got {a!r}")
+            raise ConfigError("alpha", f"must be a number in [0, 1], got {a!r}")
         object.__setattr__(self, "alpha", float(a))
 
     def check(self, dim):
         for field in ("a", "b"):
             try:
                 getattr(self, field).check(dim)
-            except FamilyError as e:
-                raise FamilyError(f"{field}.{e.field}", e.message) from None
+            except ConfigError as e:
+                raise e.under(field) from None
 
     def floats_per_prompt(self, dim, n_points):
         return self.a.floats_per_prompt(dim, n_points) + self.b.floats_per_prompt(dim, n_points)
@@ -314,18 +379,18 @@ class Mixture(Family):
 
     def __post_init__(self):
         if len(self.components) == 0:
-            raise FamilyError("mixture", "needs at least one component")
+            raise ConfigError("mixture", "needs at least one component")
         if len(self.components) != len(self.weights):
-            raise FamilyError("mixture", "components and weights differ in length")
+            raise ConfigError("mixture", "components and weights differ in length")
         for i, w in enumerate(self.weights):
             if not math.isfinite(w) or w < 0:
-                raise FamilyError(f"[{i}].weight", f"must be a finite number >= 0, got {w!r}")
+                raise ConfigError(f"[{i}].weight", f"must be a finite number >= 0, got {w!r}")
         total = sum(self.weights)
         if abs(total - 1.0) > 1e-6:
-            raise FamilyError("weight", f"mixture weights must sum to 1, they sum to {total:g}")
+            raise ConfigError("weight", f"mixture weights must sum to 1, they sum to {total:g}")
         ids = [c.canonical_id for c in self.components]
         if len(set(ids)) != len(ids):
-            raise FamilyError("family", f"a family appears twice in the mixture: {ids}")
+            raise ConfigError("family", f"a family appears twice in the mixture: {ids}")
 
     def floats_per_prompt(self, dim, n_points):
         return max(c.floats_per_prompt(dim, n_points) for c in self.components)
@@ -339,8 +404,8 @@ class Mixture(Family):
         for i, c in enumerate(self.components):
             try:
                 c.check(dim)
-            except FamilyError as e:
-                raise FamilyError(f"[{i}].{e.field}", e.message) from None
+            except ConfigError as e:
+                raise e.under(f"[{i}]") from None
 
     @cached_property
     def canonical_id(self) -> str:
@@ -373,12 +438,12 @@ def build_family(spec: Mapping[str, Any]) -> Family:
     if isinstance(spec, Family):
         return spec
     if not isinstance(spec, Mapping):
-        raise FamilyError("family", f"a family spec must be a mapping like {{family: linear}}, got {spec!r}")
+        raise ConfigError("family", f"a family spec must be a mapping like {{family: linear}}, got {spec!r}")
     if "family" not in spec:
-        raise FamilyError("family", "missing (one of: " + ", ".join(sorted(FAMILIES)) + ")")
+        raise ConfigError("family", "missing (one of: " + ", ".join(sorted(FAMILIES)) + ")")
     name = spec["family"]
     if name not in FAMILIES:
-        raise FamilyError("family", f"unknown family {name!r} (known: {', '.join(sorted(FAMILIES))})")
+        raise ConfigError("family", f"unknown family {name!r} (known: {', '.join(sorted(FAMILIES))})")
     cls = FAMILIES[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
@@ -387,17 +452,17 @@ def build_family(spec: Mapping[str, Any]) -> Family:
             continue
         if key not in fields:
             known = ", ".join(fields) or "none"
-            raise FamilyError(key, f"unknown parameter for family {name!r} (known: {known})")
+            raise ConfigError(key, f"unknown parameter for family {name!r} (known: {known})")
         if fields[key].type in ("Family", Family):
             try:
                 value = build_family(value)
-            except FamilyError as e:
-                raise FamilyError(f"{key}.{e.field}", e.message) from None
+            except ConfigError as e:
+                raise e.under(key) from None
         kwargs[key] = value
     for f in fields.values():
         missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if missing and f.name not in kwargs:
-            raise FamilyError(f.name, f"required for family {name!r}")
+            raise ConfigError(f.name, f"required for family {name!r}")
     return cls(**kwargs)
 
 
@@ -423,26 +488,26 @@ _MIXTURES: dict[str, Mixture] = {}
 
 def _build_mixture(entries: list[Mapping[str, Any]]) -> Mixture:
     if not isinstance(entries, (list, tuple)) or not entries:
-        raise FamilyError("mixture", "must be a non-empty list of families with weights")
+        raise ConfigError("mixture", "must be a non-empty list of families with weights")
     weights: list[float | None] = []
     comps: list[Family] = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
-            raise FamilyError(f"[{i}]", f"must be a mapping like {{family: linear, weight: 0.5}}, got {entry!r}")
+            raise ConfigError(f"[{i}]", f"must be a mapping like {{family: linear, weight: 0.5}}, got {entry!r}")
         entry = dict(entry)
         w = entry.pop("weight", None)
         if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float))):
-            raise FamilyError(f"[{i}].weight", f"must be a number, got {w!r}")
+            raise ConfigError(f"[{i}].weight", f"must be a number, got {w!r}")
         weights.append(None if w is None else float(w))
         try:
             comps.append(build_family(entry))
-        except FamilyError as e:
-            raise FamilyError(f"[{i}].{e.field}", e.message) from None
+        except ConfigError as e:
+            raise e.under(f"[{i}]") from None
     if all(w is None for w in weights):
         weights = [1.0 / len(comps)] * len(comps)
     elif any(w is None for w in weights):
         i = weights.index(None)
-        raise FamilyError(f"[{i}].weight", "missing (give every component a weight, or none for equal weights)")
+        raise ConfigError(f"[{i}].weight", "missing (give every component a weight, or none for equal weights)")
     return Mixture(tuple(comps), tuple(weights))  # type: ignore[arg-type]
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
+
+from icl_core.errors import ConfigError, Strict, from_validation_error
 
 
-class _Check(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # `abs_tol: "0.1"` is an error
-
+class _Check(Strict):
     @field_validator("k", "position", mode="before", check_fields=False)
     @classmethod
     def _pair(cls, v: Any) -> Any:
@@ -109,32 +109,16 @@ FINDINGS: dict[str, type[_Check]] = {
 Check = ModelSelection | Interpolation | ConvexCombination | FrequencyExtremes | Coverage
 
 
-class CheckError(ValueError):
-    """A bad `checks:` section; `field` is relative to it (e.g. `rel_tol`)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
 def validate_checks(data: Any) -> Check | None:
     """The validated check of a `checks:` mapping (None when empty)."""
     if not data:
         return None
     if not isinstance(data, dict):
-        raise CheckError("", "must be a mapping with a `finding:` key")
+        raise ConfigError("", "must be a mapping with a `finding:` key")
     finding = data.get("finding")
     if finding not in FINDINGS:
-        raise CheckError("finding", f"must be one of {', '.join(FINDINGS)} (got {finding!r})")
+        raise ConfigError("finding", f"must be one of {', '.join(FINDINGS)} (got {finding!r})")
     try:
         return FINDINGS[finding].model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        if first["type"] == "extra_forbidden":
-            raise CheckError(field, "unknown key") from None
-        if first["type"] == "missing":
-            raise CheckError(field, "required") from None
-        msg = first["msg"].removeprefix("Value error, ")
-        raise CheckError(field, f"{msg} (got {first.get('input')!r})" if field else msg) from None
+        raise from_validation_error(e) from None

@@ -17,32 +17,28 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from icl_core.config import (
     ESTIMATORS,
     MAX_SEED,
     ConfigError,
     RunConfig,
-    _FieldError,
+    Strict,
     config_hash,
     from_validation_error,
     read_yaml,
     set_dotted,
     validate_run_config,
 )
-from icl_core.families import FamilyError, build_family
+from icl_core.families import build_family
 
-from .findings import CheckError, validate_checks
+from .findings import validate_checks
 
 MAX_TRIALS = 10_000  # per sweep file, counted before anything is expanded (README, "Limits")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # `cpu: "2"` is an error, not coerced
-
-
-class SearchParam(_Strict):
+class SearchParam(Strict):
     """One Optuna-searched nuisance parameter: exactly one of the distributions."""
 
     loguniform: tuple[float, float] | None = None
@@ -69,7 +65,7 @@ class SearchParam(_Strict):
         return kind, value
 
 
-class TuneSpec(_Strict):
+class TuneSpec(Strict):
     """Optuna search inside each grid cell for nuisance parameters (e.g. the learning rate)."""
 
     params: dict[str, SearchParam]
@@ -90,14 +86,14 @@ class TuneSpec(_Strict):
         return v
 
 
-class Resources(_Strict):
+class Resources(Strict):
     """Per-trial resources; a fractional gpu packs several trials on one GPU."""
 
     cpu: float = Field(1.0, gt=0, le=4096, allow_inf_nan=False)
     gpu: float = Field(0.0, ge=0, le=1024, allow_inf_nan=False)
 
 
-class SweepSpec(_Strict):
+class SweepSpec(Strict):
     name: str
     base: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, Any] = Field(default_factory=dict)
@@ -118,10 +114,7 @@ class SweepSpec(_Strict):
     @field_validator("checks")
     @classmethod
     def _valid_checks(cls, v: dict[str, Any]) -> dict[str, Any]:
-        try:
-            validate_checks(v)
-        except CheckError as e:
-            raise _FieldError(e.field, e.message) from None
+        validate_checks(v)  # a ConfigError names the field inside `checks`
         return v
 
     @field_validator("seeds")
@@ -180,7 +173,7 @@ def _mixture(v: Any) -> Any:
 
         try:
             return build_mixture(v)
-        except FamilyError:
+        except ConfigError:
             return None
     return None
 
@@ -226,8 +219,8 @@ def expand_simplex(spec: Any, where: str) -> list[list[dict[str, Any]]]:
     for i, c in enumerate(comps):
         try:
             specs.append(build_family(c).to_spec())
-        except FamilyError as e:
-            raise ConfigError(f"{where}.simplex.components[{i}].{e.field}", e.message) from None
+        except ConfigError as e:
+            raise e.under(f"{where}.simplex.components[{i}]") from None
     mixtures = []
     for weights in simplex_points(len(specs), steps):
         mixtures.append([{**s, "weight": float(w)} for s, w in zip(specs, weights) if w > 0])

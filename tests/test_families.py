@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from icl_core.errors import ConfigError
 from icl_core.families import (
     FAMILIES,
     Convex,
-    FamilyError,
     Linear,
     Mixture,
     ReluNet,
@@ -69,7 +69,7 @@ def test_registry_makes_new_families_one_class_away():
     ],
 )
 def test_bad_specs_name_the_field(spec, field):
-    with pytest.raises(FamilyError) as e:
+    with pytest.raises(ConfigError) as e:
         build_family(spec)
     assert e.value.field == field
 
@@ -85,13 +85,13 @@ def test_bad_specs_name_the_field(spec, field):
     ],
 )
 def test_bad_mixtures_name_the_field(entries, field):
-    with pytest.raises(FamilyError) as e:
+    with pytest.raises(ConfigError) as e:
         build_mixture(entries)
     assert e.value.field == field
 
 
 def test_nnz_above_dim_is_rejected():
-    with pytest.raises(FamilyError, match="nnz=6 exceeds"):
+    with pytest.raises(ConfigError, match="nnz=6 exceeds"):
         SparseLinear(nnz=6).check(5)
 
 
