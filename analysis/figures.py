@@ -16,25 +16,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-from icl_core.config import ESTIMATORS
+from icl_core.estimators import ESTIMATORS, REGISTRY, estimator_label
 
 from .maps import CoverageMap
 
-ESTIMATOR_STYLE = {
-    "model": dict(color="black", lw=2.4, zorder=5),
-    "zero": dict(color="#bcbd22", lw=1.4, ls=":"),
-    "averaging": dict(color="#8c564b", lw=1.2, ls="-."),
-    "ols": dict(color="#1f77b4", lw=1.4),
-    "ridge": dict(color="#17becf", lw=1.2, ls="--"),
-    "lasso": dict(color="#2ca02c", lw=1.4),
-    "knn": dict(color="#e377c2", lw=1.2, ls="-."),
-    "bayes_pretrain": dict(color="#d62728", lw=1.4, ls="--"),
-    "bayes_task": dict(color="#ff7f0e", lw=1.4, ls=":"),
-}
-ESTIMATOR_LABEL = {
-    "model": "transformer", "zero": "zero", "averaging": "averaging", "ols": "least squares", "ridge": "ridge",
-    "lasso": "lasso", "knn": "3-NN", "bayes_pretrain": "Bayes (pretraining prior)", "bayes_task": "Bayes (test prior)",
-}
 AXIS_LABEL = {
     "nnz": "test sparsity (nnz; dense = d)",
     "freq": "test frequency ω",
@@ -111,7 +96,7 @@ def axis_label(axis: str) -> str:
 def value_label(m: CoverageMap) -> str:
     """What a map's cells are, in words (estimators by their figure labels)."""
     kk = "mean over k ≥ 1" if m.k == "all" else f"k = {m.k}"
-    ref = ESTIMATOR_LABEL.get(m.relative_to or "", m.relative_to)
+    ref = estimator_label(m.relative_to) if m.relative_to else m.relative_to
     if m.relative_to is None:
         return f"transformer error ({kk})"
     if m.mode == "ratio":
@@ -203,7 +188,7 @@ def plot_heatmap(m: CoverageMap, out_dir: str | Path, stem: str = "heatmap", tit
     ax.set_xlabel(axis_label(m.test_axis), fontsize=10)
     ax.set_ylabel(axis_label(m.coverage), fontsize=10)
     cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
-    ref = ESTIMATOR_LABEL.get(m.relative_to or "", m.relative_to)
+    ref = estimator_label(m.relative_to) if m.relative_to else m.relative_to
     if m.relative_to is None:
         cb_label = "transformer error (lower is better)"
     elif m.mode == "ratio":
@@ -243,8 +228,8 @@ def plot_curves(
             c = sub[sub["estimator"] == est].sort_values("k")
             if c.empty or c["mean"].isna().all():
                 continue
-            style = ESTIMATOR_STYLE.get(est, {})
-            ax.plot(c["k"], c["mean"], label=ESTIMATOR_LABEL.get(est, est), **style)
+            style = REGISTRY[est].style if est in REGISTRY else {}
+            ax.plot(c["k"], c["mean"], label=estimator_label(est), **style)
             ax.fill_between(c["k"], c["ci_low"], c["ci_high"], color=style.get("color"), alpha=0.15, lw=0)
             top = max(top, float(np.nanmax(c["mean"])))
         if sub["mean"].isna().all():
@@ -272,8 +257,8 @@ def plot_curves(
                     handles.append(h)
                     labels.append(lab)
     if handles:
-        pairs = sorted(zip(labels, handles), key=lambda p: [ESTIMATOR_LABEL.get(e, e) for e in order].index(p[0])
-                       if p[0] in [ESTIMATOR_LABEL.get(e, e) for e in order] else 99)
+        pairs = sorted(zip(labels, handles), key=lambda p: [estimator_label(e) for e in order].index(p[0])
+                       if p[0] in [estimator_label(e) for e in order] else 99)
         fig.legend([h for _, h in pairs], [lab for lab, _ in pairs], loc="lower center",
                    ncol=len(pairs) if len(pairs) <= 3 * ncols + 1 else 5,
                    fontsize=9, frameon=False, bbox_to_anchor=(0.5, -0.01))
@@ -294,11 +279,11 @@ def plot_model_selection(table: pd.DataFrame, out_dir: str | Path, stem: str = "
             c = sub[sub["series"] == series].sort_values("weight")
             if c.empty:
                 continue
-            st = ESTIMATOR_STYLE[est]
+            st = REGISTRY[est].style
             yerr = [(c["mean"] - c["ci_low"]).fillna(0.0), (c["ci_high"] - c["mean"]).fillna(0.0)]  # n = 1: none
             ax.errorbar(c["weight"], c["mean"], yerr=yerr,
                         marker="o", capsize=3, color=st["color"], ls=st.get("ls", "-"), lw=st["lw"],
-                        label="transformer (this mixture)" if est == "model" else ESTIMATOR_LABEL[est])
+                        label="transformer (this mixture)" if est == "model" else estimator_label(est))
         gone = sub[(sub["series"] == "model") & sub["mean"].isna()]
         if not gone.empty:
             ax.plot(gone["weight"], np.zeros(len(gone)), "x", color="#b00020", ms=9, mew=2, clip_on=False,
@@ -312,8 +297,8 @@ def plot_model_selection(table: pd.DataFrame, out_dir: str | Path, stem: str = "
                 ax.axhspan(r["ci_low"], r["ci_high"], color="#9467bd", alpha=0.12, lw=0)
         bt = sub[sub["series"] == "bayes_task"]
         if not bt.empty and bt["mean"].notna().any():
-            ax.axhline(float(bt["mean"].mean()), color=ESTIMATOR_STYLE["bayes_task"]["color"], lw=1.2, ls=":",
-                       label=ESTIMATOR_LABEL["bayes_task"])
+            ax.axhline(float(bt["mean"].mean()), color=REGISTRY["bayes_task"].style["color"], lw=1.2, ls=":",
+                       label=estimator_label("bayes_task"))
         ax.set_xlabel(f"pretraining weight of {family_label(fam)}")
         ax.set_ylabel(f"error on {family_label(fam)} ({k_label})")
         ax.set_title(f"eval on {family_label(fam)}", fontsize=10)

@@ -23,7 +23,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from icl_core.config import ESTIMATORS, ConfigError, task_family
+from icl_core.config import task_family
+from icl_core.errors import ConfigError
+from icl_core.estimators import ESTIMATORS
 from icl_core.families import Family, Mixture, build_mixture
 from sweeps.tracking import check_reachable, search_all, tracking_uri_from_env  # MLflow + icl_core only: no Ray
 

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from icl_core.config import ConfigError
+from icl_core.errors import ConfigError
+from icl_core.estimators import CLASSICAL
 
 from .coverage import COVERAGE_AXES, TEST_AXES, coverage_sort_key
 
-CLASSICAL = ("zero", "averaging", "ols", "ridge", "lasso", "knn")
 RATIO_EPS = 1e-3  # errors are normalized (zero predictor = 1); below 1e-3 a task counts as solved
 LEVEL = 0.9  # the intervals' coverage: 90 %, as the eval's prompt bootstrap
 

@@ -89,7 +89,7 @@ def lasso(n_prompts: int = PROMPTS, sklearn_prompts: int = 32, seed: int = 0) ->
 
 
 def full_table(n_prompts: int = PROMPTS, seed: int = 12345) -> dict:
-    from icl_core.config import ESTIMATORS
+    from icl_core.estimators import ESTIMATORS
     from icl_core.evaluate import estimator_predictors, evaluate_predictors
 
     tasks = [Linear(), SparseLinear(nnz=2)]

@@ -328,8 +328,3 @@ class NearestNeighbours(Estimator):
             yj = torch.gather(ys[sl, None, :].expand(-1, n, -1), 2, pos) * valid
             out[sl] = yj.sum(-1) / valid.sum(-1).clamp_min(1)
         return out
-
-
-BASELINES: dict[str, type[Estimator]] = {
-    cls.name: cls for cls in (ZeroPredictor, Averaging, LeastSquares, Ridge, Lasso, NearestNeighbours)
-}

@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, Strict, check_writable_folder, from_validation_error  # noqa: F401 (re-exported)
+from .estimators import ESTIMATORS
 from .families import Family, Mixture, build_family, build_mixture
 
 # Limits with reasons (README, "Limits"): far above any run this project makes, low enough that a typo fails here
@@ -167,9 +168,6 @@ class TrainConfig(Strict):
             raise ConfigError("batch_threads", f"{self.batch_threads} threads need a batch of at least as many "
                               f"prompts (train.batch_size is {self.batch_size})")
         return self
-
-
-ESTIMATORS = ("model", "zero", "averaging", "ols", "ridge", "lasso", "knn", "bayes_pretrain", "bayes_task")
 
 
 class EvalConfig(Strict):

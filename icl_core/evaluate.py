@@ -13,15 +13,13 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .baselines import Averaging, Lasso, LeastSquares, NearestNeighbours, Ridge, ZeroPredictor
-from .bayes import bayes_posterior_mean
-from .config import ESTIMATORS, RunConfig
+from .config import RunConfig
+from .estimators import ESTIMATORS, REGISTRY
 from .families import Family, sample_prompts
 from .model import ICLTransformer
 
@@ -80,22 +78,14 @@ def model_predictor(model: ICLTransformer, device: torch.device | str = "cpu") -
 def estimator_predictors(
     names: Iterable[str], task: Family, pretrain: Family | None, noise_std: float
 ) -> dict[str, Predictor]:
-    """The classical and Bayes estimators by their table names (the model is added by the caller).
-
-    Ridge uses alpha = 0.1 and Lasso alpha = 0.01 (Garg et al.'s plotted value); kNN uses k = 3.
-    """
-    makers: dict[str, Callable[[], Any]] = {
-        "zero": ZeroPredictor,
-        "averaging": Averaging,
-        "ols": LeastSquares,
-        "ridge": lambda: Ridge(alpha=0.1),
-        "lasso": lambda: Lasso(alpha=0.01),
-        "knn": lambda: NearestNeighbours(k=3),
-        "bayes_task": lambda: bayes_posterior_mean(task, noise_std=noise_std),
-    }
-    if pretrain is not None:
-        makers["bayes_pretrain"] = lambda: bayes_posterior_mean(pretrain, noise_std=noise_std)
-    return {name: makers[name]().predict for name in names if name in makers}
+    """The registry's estimators by their table names, those that apply (the model is added by the caller)."""
+    out: dict[str, Predictor] = {}
+    for name in names:
+        make = REGISTRY[name].make
+        estimator = make(task, pretrain, noise_std) if make is not None else None
+        if estimator is not None:
+            out[name] = estimator.predict
+    return out
 
 
 def evaluate_predictors(

@@ -19,18 +19,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from icl_core.config import (
-    ESTIMATORS,
-    MAX_SEED,
-    ConfigError,
-    RunConfig,
-    Strict,
-    config_hash,
-    from_validation_error,
-    read_yaml,
-    set_dotted,
-    validate_run_config,
-)
+from icl_core.config import MAX_SEED, RunConfig, config_hash, read_yaml, set_dotted, validate_run_config
+from icl_core.errors import ConfigError, Strict, from_validation_error
+from icl_core.estimators import ESTIMATORS
 from icl_core.families import build_family
 
 from .findings import validate_checks

@@ -9,7 +9,6 @@ from sklearn.linear_model import Lasso as SkLasso
 from sklearn.linear_model import Ridge as SkRidge
 
 from icl_core.baselines import (
-    BASELINES,
     Averaging,
     Estimator,
     Lasso,
@@ -18,6 +17,7 @@ from icl_core.baselines import (
     Ridge,
     ZeroPredictor,
 )
+from icl_core.estimators import CLASSICAL, REGISTRY, estimator_label
 from icl_core.families import Linear, SparseLinear, sample_prompts
 
 
@@ -50,7 +50,18 @@ def test_shape_dtype_and_prefix_contract(est: Estimator):
 def test_float64_in_float64_out_and_names(est: Estimator):
     xs, ys = prompts(batch=3, n_points=6, dim=3)
     assert est.predict(xs.double(), ys.double()).dtype == torch.float64
-    assert BASELINES[est.name] is type(est)
+    # the registry builds each baseline under its own name, as a classical estimator
+    spec = REGISTRY[est.name]
+    assert spec.classical and type(spec.make(Linear(), None, 0.0)) is type(est)
+
+
+def test_registry_defines_each_estimator_once_with_its_label_and_style():
+    assert set(CLASSICAL) == {"zero", "averaging", "ols", "ridge", "lasso", "knn"}
+    assert REGISTRY["model"].make is None and REGISTRY["bayes_pretrain"].make(Linear(), None, 0.0) is None
+    assert REGISTRY["bayes_pretrain"].make(Linear(), SparseLinear(nnz=1), 0.0) is not None
+    labels = [spec.label for spec in REGISTRY.values()]
+    assert len(set(labels)) == len(labels) and all(spec.style.get("color") for spec in REGISTRY.values())
+    assert estimator_label("ols") == "least squares" and estimator_label("best_baseline") == "best_baseline"
 
 
 def test_zero_predictor_has_unit_normalized_error():
