@@ -26,22 +26,27 @@ import yaml
 from icl_core.config import task_family
 from icl_core.errors import ConfigError
 from icl_core.estimators import ESTIMATORS
+from icl_core.evaluate import EVAL_CSV
 from icl_core.families import Family, Mixture, build_mixture
+from icl_core.train import CONFIG
+from sweeps.layout import (
+    ANALYSIS_ARTIFACTS,
+    MLFLOW_DB,
+    TAG_CELL,
+    TAG_CELL_LABEL,
+    TAG_COMMIT,
+    TAG_ERROR,
+    TAG_HASH,
+    TAG_ROLE,
+    TAG_SEED,
+    TAG_SWEEP,
+    is_uri,
+    sweep_root,
+)
 from sweeps.tracking import check_reachable, search_all, tracking_uri_from_env  # MLflow + icl_core only: no Ray
 
 from .coverage import coverage_descriptors, family_from_id, in_support, parse_family_id, task_axes
 
-TAG_SWEEP = "iclmix.sweep"
-TAG_ROLE = "iclmix.role"
-TAG_CELL = "iclmix.cell"
-TAG_CELL_LABEL = "iclmix.cell_label"
-TAG_SEED = "iclmix.seed"
-TAG_HASH = "iclmix.config_hash"
-TAG_COMMIT = "iclmix.git_commit"
-TAG_ERROR = "iclmix.error"
-
-EVAL_CSV = "eval.csv"
-CONFIG_YAML = "config.yaml"
 TASK_COLUMNS = ("task_family", "nnz", "freq", "alpha", "in_support")
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _SKIP_PARAMS = ("data.mixture", "eval.tasks", "eval.estimators", "seed")
@@ -54,14 +59,14 @@ def default_cache_dir() -> Path:
 
 def default_tracking_uri(sweep: str, storage: str | None = None) -> str:
     """`sqlite:///ABS/runs/SWEEP/mlflow.db` (the local default of `iclmix sweep run`) when that file exists."""
-    base = storage or os.environ.get("ICLMIX_STORAGE") or "runs"
-    if "://" not in base:
-        db = (Path(base) / sweep / "mlflow.db").resolve()
+    root = sweep_root(sweep, storage)
+    if not is_uri(root):
+        db = Path(root) / MLFLOW_DB
         if db.is_file():
             return f"sqlite:///{db}"
         raise ConfigError("--tracking-uri", f"not given, and the local default {db} does not exist (unknown sweep "
                           f"{sweep!r}? pass --tracking-uri)")
-    raise ConfigError("--tracking-uri", f"required when the sweep storage is a URI ({base})")
+    raise ConfigError("--tracking-uri", f"required when the sweep storage is a URI ({root.rsplit('/', 1)[0]})")
 
 
 _checked: set[str] = set()
@@ -133,14 +138,14 @@ def _fetch_files(run, tracking_uri: str, cache_dir: Path | None, local_direct: b
     local = local_artifact_dir(uri, tracking_uri) if local_direct else None
     if local is not None and local.is_dir():
         return {name: (local / name).read_text() if (local / name).is_file() else None
-                for name in (EVAL_CSV, CONFIG_YAML)}
+                for name in (EVAL_CSV, CONFIG)}
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
     key = f"{run.info.run_id}-{run.info.end_time or 0}"
     folder = (cache_dir or default_cache_dir()) / key
     out: dict[str, str | None] = {}
-    for name in (EVAL_CSV, CONFIG_YAML):
+    for name in (EVAL_CSV, CONFIG):
         cached = folder / name
         if not cached.is_file():
             folder.mkdir(parents=True, exist_ok=True)
@@ -232,7 +237,7 @@ class _TrialConfig:
 
 def _trial_record(run, files: dict[str, str | None]) -> tuple[dict[str, Any], pd.DataFrame | None, _TrialConfig]:
     tags, params = run.data.tags, run.data.params
-    text = files.get(CONFIG_YAML)
+    text = files.get(CONFIG)
     cfg = yaml.load(text, Loader=_YAML_LOADER) if text else config_from_params(params)
     tc = _TrialConfig(cfg)
     seed = tags.get(TAG_SEED, params.get("seed"))
@@ -384,7 +389,7 @@ def sweep_file(name: str, tracking_uri: str) -> tuple[str, str] | None:
     return None
 
 
-def log_to_parent(frame: pd.DataFrame, paths: list[Path], artifact_path: str = "analysis") -> str | None:
+def log_to_parent(frame: pd.DataFrame, paths: list[Path], artifact_path: str = ANALYSIS_ARTIFACTS) -> str | None:
     """Log files as artifacts of the sweep's parent run; returns the run id (None when there is none).
 
     A proxied store read through its sqlite file (no server running) is written in place, where the

@@ -44,6 +44,7 @@ def trials_from_mlflow(db: Path, sweep: str) -> list[dict]:
         raise FileNotFoundError(db)
     from mlflow.tracking import MlflowClient
 
+    from sweeps import layout
     from sweeps import tracking as tr
 
     client = MlflowClient(f"sqlite:///{db}")
@@ -52,10 +53,10 @@ def trials_from_mlflow(db: Path, sweep: str) -> list[dict]:
     for r in tr.find_runs(client, exp_id, sweep, "trial"):
         tags, metrics = r.data.tags, r.data.metrics
         rows.append({
-            "run_id": r.info.run_id, "status": r.info.status, "hash": tags.get(tr.TAG_HASH),
-            "device": tags.get("iclmix.device"), "gpu_name": tags.get("iclmix.gpu_name"),
-            "gpu_ids": tags.get("iclmix.gpu_ids"), "fraction": tags.get("iclmix.gpu_memory_fraction"),
-            "cap_gib": float(tags.get("iclmix.gpu_memory_cap_gib", "nan")),
+            "run_id": r.info.run_id, "status": r.info.status, "hash": tags.get(layout.TAG_HASH),
+            "device": tags.get(layout.TAG_DEVICE), "gpu_name": tags.get(layout.TAG_GPU_NAME),
+            "gpu_ids": tags.get(layout.TAG_GPU_IDS), "fraction": tags.get(layout.TAG_GPU_FRACTION),
+            "cap_gib": float(tags.get(layout.TAG_GPU_CAP_GIB, "nan")),
             "peak_gib": metrics.get("gpu/peak_memory_gib", float("nan")), "eval_loss": metrics.get("eval_loss"),
             "start": r.info.start_time / 1000, "end": (r.info.end_time or 0) / 1000,
         })
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from sweeps.runner import sweep_root
+    from sweeps.layout import MLFLOW_DB, sweep_root
     from sweeps.spec import load_sweep
 
     if not torch.cuda.is_available():
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                        cwd=ROOT, text=True, capture_output=True)
     wall = time.time() - t0
     print(r.stdout[-3000:], r.stderr[-3000:], sep="\n")
-    rows = trials_from_mlflow(Path(sweep_root(spec, str(storage))) / "mlflow.db", spec.name)
+    rows = trials_from_mlflow(Path(sweep_root(spec.name, str(storage))) / MLFLOW_DB, spec.name)
     failures = ([f"sweep run exited {r.returncode}"] if r.returncode else []) + check(
         rows, spec.resources.gpu, len(trials))
     probe = subprocess.run([sys.executable, "-c", CAP_PROBE], cwd=ROOT, text=True, capture_output=True)

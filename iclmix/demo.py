@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from sweeps.layout import DEFAULT_STORAGE, MLFLOW_DB
+
 from .cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run() -> int:
     """Sweep, draw, then end on the check's verdict (its exit status: 0 PASS, 1 FAIL)."""
     sweep = ROOT / "sweeps" / "quickstart.yaml"
-    runs = ROOT / "runs"
+    runs = ROOT / DEFAULT_STORAGE
     store = runs / "quickstart"
     # Resume and extend are the same command: a second `make demo` skips the finished trials.
     status = main(["sweep", "run", str(sweep), "--storage", str(runs)])
@@ -23,8 +25,8 @@ def run() -> int:
     status = main(["analyze", "report", "--sweep", "quickstart", "--out", str(figures)])  # every figure, once
     if status:
         return status
-    print(f"\nquickstart outputs: {figures} (report.html and every figure), MLflow store {store / 'mlflow.db'}")
-    print(f"browse the runs: mlflow ui --backend-store-uri sqlite:///{store / 'mlflow.db'} --port 5000")
+    print(f"\nquickstart outputs: {figures} (report.html and every figure), MLflow store {store / MLFLOW_DB}")
+    print(f"browse the runs: mlflow ui --backend-store-uri sqlite:///{store / MLFLOW_DB} --port 5000")
     print("\ndid the models learn in context? (iclmix analyze check --sweep quickstart)")
     return main(["analyze", "check", "--sweep", "quickstart", "--out", str(figures)])
 

@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .layout import MLFLOW_DB
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -48,7 +50,7 @@ class MlflowServer:
 
     @property
     def backend_uri(self) -> str:
-        return f"sqlite:///{self.root / 'mlflow.db'}"
+        return f"sqlite:///{self.root / MLFLOW_DB}"
 
     def start(self, timeout: float = 90) -> MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 from icl_core.config import ConfigError, check_writable_folder, memory_estimate, memory_problem
 
+from . import layout
 from . import tracking as tr
 from .reaper import start_reaper, stop_reaper
 from .spec import SweepSpec, Trial, axis_values, load_sweep, resolve, trial_count
@@ -54,20 +55,9 @@ class SweepContext:
     families: list[str] = field(default_factory=list)  # every family of the sweep's mixtures (weights logged)
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def sweep_root(spec: SweepSpec, storage: str | None) -> str:
-    base = storage or os.environ.get("ICLMIX_STORAGE") or "runs"
-    if _is_uri(base):
-        return f"{base.rstrip('/')}/{spec.name}"
-    return str((Path(base) / spec.name).resolve())
-
-
 def local_state_dir(spec: SweepSpec) -> Path:
     """Driver-side state (the Optuna studies) when the sweep's storage is a remote URI."""
-    path = Path("runs") / spec.name
+    path = Path(layout.DEFAULT_STORAGE) / spec.name
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
 
@@ -191,7 +181,7 @@ def _run_round(ctx: SweepContext, payloads: list[dict], progress: Progress, roun
         return
     spec = ctx.spec
     trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    storage = f"{ctx.root}/ray" if _is_uri(ctx.root) else str(Path(ctx.root) / "ray")
+    storage = f"{ctx.root}/ray" if layout.is_uri(ctx.root) else str(Path(ctx.root) / "ray")
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(payloads)},
@@ -248,7 +238,7 @@ def _optuna_rounds(ctx: SweepContext, trials: list[Trial], progress: Progress) -
     spec, tune_spec = ctx.spec, ctx.spec.tune
     assert tune_spec is not None
     client = MlflowClient(ctx.tracking_uri)
-    storage = f"sqlite:///{local_state_dir(spec) if _is_uri(ctx.root) else Path(ctx.root)}/optuna.db"
+    storage = f"sqlite:///{local_state_dir(spec) if layout.is_uri(ctx.root) else Path(ctx.root)}/optuna.db"
     cells = {}
     for t in trials:
         cells.setdefault(t.cell.id, t.cell)
@@ -262,7 +252,7 @@ def _optuna_rounds(ctx: SweepContext, trials: list[Trial], progress: Progress) -
         cell_runs[cid] = tr.ensure_run(
             client, ctx.experiment_id, sweep=spec.name, role="cell", name=f"cell-{cid}",
             parent_id=ctx.parent_run_id, match={"cell": cid},
-            tags={tr.TAG_CELL: cid, tr.TAG_CELL_LABEL: cell.label, tr.TAG_COMMIT: ctx.git_commit,
+            tags={layout.TAG_CELL: cid, layout.TAG_CELL_LABEL: cell.label, layout.TAG_COMMIT: ctx.git_commit,
                   **tr.source_tags(ctx.git_commit, f"iclmix sweep run {spec.name}")},
         )
 
@@ -313,12 +303,12 @@ def _optuna_rounds(ctx: SweepContext, trials: list[Trial], progress: Progress) -
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if complete:
             best = study.best_trial
-            tr.set_tags(client, cell_runs[cid], {"iclmix.best_params": json.dumps(best.params, sort_keys=True)})
+            tr.set_tags(client, cell_runs[cid], {layout.TAG_BEST_PARAMS: json.dumps(best.params, sort_keys=True)})
             client.log_metric(cell_runs[cid], tr.mlflow_key(f"best_{tune_spec.metric}"), best.value)
         else:
             why = (f"none of its {len(study.trials)} Optuna trial(s) finished every seed with a finite "
                    f"{tune_spec.metric}")
-            tr.set_tags(client, cell_runs[cid], {tr.TAG_ERROR: why})
+            tr.set_tags(client, cell_runs[cid], {layout.TAG_ERROR: why})
             ctx.failed_cells[cells[cid].label] = why
         tr.end_run(client, cell_runs[cid], "FINISHED" if complete else "FAILED")
     return expected
@@ -453,7 +443,7 @@ def check_shared_storage(root: str, timeout: float = 120.0) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if _is_uri(root):
+    if layout.is_uri(root):
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
@@ -502,8 +492,8 @@ def run_sweep(
     the trials' output (errors reach MLflow and the summary either way)."""
     spec, trials = load_sweep(path)  # every input error surfaces here, before anything launches
     tracking_uri = tr.tracking_uri_from_env(tracking_uri)
-    root = sweep_root(spec, storage)
-    if tracking_uri is None and _is_uri(root):
+    root = layout.sweep_root(spec.name, storage)
+    if tracking_uri is None and layout.is_uri(root):
         raise ConfigError("--tracking-uri", "required when --storage is a URI (the default is a local sqlite file)")
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -518,7 +508,7 @@ def run_sweep(
     else:
         fit_wait = fit_timeout()
         check_ray_address(address)
-    if not _is_uri(root):
+    if not layout.is_uri(root):
         check_writable_folder(Path(root), "--storage")
     if tracking_uri is not None:
         tr.check_reachable(tracking_uri)
@@ -532,7 +522,7 @@ def run_sweep(
         _stop_on_signals()
         ray_tmp, reaper = _init_ray(address, verbose)
         _stop_on_signals()  # again: ray.init installs its own SIGTERM handler, which exits without cleaning up
-        if not _is_uri(root):
+        if not layout.is_uri(root):
             Path(root).mkdir(parents=True, exist_ok=True)
         if tracking_uri is None:
             server = MlflowServer(Path(root), proxy_artifacts=False).start()
@@ -546,7 +536,8 @@ def run_sweep(
         exp_id = tr.experiment_id(client, spec.name)
         commit = tr.git_commit(ROOT)
         parent = tr.ensure_run(client, exp_id, sweep=spec.name, role="parent", name=spec.name,
-                               tags={tr.TAG_COMMIT: commit, **tr.source_tags(commit, f"iclmix sweep run {spec.name}")})
+                               tags={layout.TAG_COMMIT: commit,
+                                     **tr.source_tags(commit, f"iclmix sweep run {spec.name}")})
         client.log_text(parent, Path(path).read_text(), f"sweep/{Path(path).name}")
         tr.log_params(client, parent, sweep_params(spec, trials))
         ctx = SweepContext(spec, root, tracking_uri, exp_id, parent, commit)
@@ -661,7 +652,7 @@ def results_table(expected: dict[str, str], latest: dict[str, Any], limit: int =
     rows = []
     for key, label in expected.items():
         run = latest.get(key)
-        seed = run.data.tags.get(tr.TAG_SEED, "?") if run is not None else "?"
+        seed = run.data.tags.get(layout.TAG_SEED, "?") if run is not None else "?"
         loss = run.data.metrics.get("eval_loss") if run is not None and run.info.status == "FINISHED" else None
         rows.append((label, seed, run.info.status if run is not None else "NOT STARTED", loss))
     rows.sort(key=lambda r: (r[3] is None, r[3] if r[3] is not None else 0.0, r[0], r[1]))
@@ -679,7 +670,7 @@ def _summary(client, ctx: SweepContext, expected: dict[str, str]) -> int:
     """Print what became of every trial the sweep needs; 0 only when each one FINISHED."""
     latest: dict[str, Any] = {}  # hash -> its FINISHED run, else its most recent one
     for r in tr.find_runs(client, ctx.experiment_id, ctx.spec.name, "trial"):
-        key = r.data.tags.get(tr.TAG_HASH)
+        key = r.data.tags.get(layout.TAG_HASH)
         old = latest.get(key)
         if old is None or (old.info.status != "FINISHED"
                            and (r.info.status == "FINISHED" or r.info.start_time > old.info.start_time)):
@@ -700,9 +691,9 @@ def _summary(client, ctx: SweepContext, expected: dict[str, str]) -> int:
         if run is None:
             print(f"  {status} trial {key}: {ctx.failed.get(key, 'Ray never ran it')}", flush=True)
             continue
-        why = run.data.tags.get(tr.TAG_ERROR) or ctx.failed.get(key) or "it did not finish"
-        print(f"  {status} {run.info.run_name} ({run.data.tags.get(tr.TAG_CELL_LABEL, '')}, "
-              f"seed {run.data.tags.get(tr.TAG_SEED)}): {why}", flush=True)
+        why = run.data.tags.get(layout.TAG_ERROR) or ctx.failed.get(key) or "it did not finish"
+        print(f"  {status} {run.info.run_name} ({run.data.tags.get(layout.TAG_CELL_LABEL, '')}, "
+              f"seed {run.data.tags.get(layout.TAG_SEED)}): {why}", flush=True)
     for label, why in ctx.failed_cells.items():
         print(f"  FAILED Optuna search of cell [{label}]: {why}", flush=True)
     if unfinished or ctx.failed_cells:

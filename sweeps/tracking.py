@@ -29,15 +29,7 @@ from mlflow.utils.mlflow_tags import (
 from icl_core.config import ConfigError
 from icl_core.families import build_mixture
 
-TAG_SWEEP = "iclmix.sweep"
-TAG_ROLE = "iclmix.role"  # parent | cell | trial
-TAG_CELL = "iclmix.cell"
-TAG_CELL_LABEL = "iclmix.cell_label"
-TAG_SEED = "iclmix.seed"
-TAG_HASH = "iclmix.config_hash"
-TAG_COMMIT = "iclmix.git_commit"
-TAG_ERROR = "iclmix.error"
-TAG_SEARCH = "iclmix.search"
+from .layout import TAG_HASH, TAG_ROLE, TAG_SWEEP
 
 MAX_PARAM_LEN = 6000
 BATCH = 900  # log_batch takes at most 1000 metrics per request

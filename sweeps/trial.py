@@ -34,6 +34,7 @@ from icl_core.train import (
     train,
 )
 
+from . import layout
 from . import tracking as tr
 
 STORE_FILES = (CHECKPOINT, METRICS)
@@ -156,11 +157,11 @@ def _log_curve_figure(client: MlflowClient, run_id: str, rows, cfg, title: str, 
         paths = plot_curves(curves, work / "figures", "icl_curves", title, {t: t in inside for t in curves["task"]},
                             cfg.data.dim)
     except Exception as e:  # the trial's results are logged already; say why its figure is missing
-        tr.set_tags(client, run_id, {"iclmix.figure_error": f"{type(e).__name__}: {e}"[:4000]})
+        tr.set_tags(client, run_id, {layout.TAG_FIGURE_ERROR: f"{type(e).__name__}: {e}"[:4000]})
         return
     for path in paths:
         if path.suffix == ".png":
-            client.log_artifact(run_id, str(path), "figures")
+            client.log_artifact(run_id, str(path), layout.FIGURES_ARTIFACTS)
 
 
 def claim_device(gpus: float, wanted: str) -> tuple[torch.device, dict[str, str]]:
@@ -171,14 +172,14 @@ def claim_device(gpus: float, wanted: str) -> tuple[torch.device, dict[str, str]
     device = resolve_device(wanted)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # the memory calls need an index
-    tags = {"iclmix.device": str(device)}
+    tags = {layout.TAG_DEVICE: str(device)}
     if device.type == "cuda":
         fraction = min(1.0, gpus) if gpus > 0 else 1.0
         torch.cuda.set_per_process_memory_fraction(fraction, device)
         torch.cuda.reset_peak_memory_stats(device)  # a reused trial actor keeps the previous trial's peak
         props = torch.cuda.get_device_properties(device)
-        tags.update({"iclmix.gpu_name": props.name, "iclmix.gpu_memory_fraction": f"{fraction:g}",
-                     "iclmix.gpu_memory_cap_gib": f"{fraction * props.total_memory / 2**30:.2f}"})
+        tags.update({layout.TAG_GPU_NAME: props.name, layout.TAG_GPU_FRACTION: f"{fraction:g}",
+                     layout.TAG_GPU_CAP_GIB: f"{fraction * props.total_memory / 2**30:.2f}"})
     return device, tags
 
 
@@ -205,16 +206,17 @@ def run_trial(config: dict[str, Any]) -> None:
             run_id = tr.ensure_run(
                 client, t["experiment_id"], sweep=t["sweep"], role="trial", name=t["run_name"],
                 parent_id=t["parent_run_id"], match={"config_hash": key},
-                tags={tr.TAG_CELL: t["cell"], tr.TAG_CELL_LABEL: t["cell_label"], tr.TAG_SEED: str(t["seed"]),
-                      tr.TAG_HASH: key, tr.TAG_COMMIT: t["git_commit"], tr.TAG_SEARCH: t.get("search", "{}"),
+                tags={layout.TAG_CELL: t["cell"], layout.TAG_CELL_LABEL: t["cell_label"],
+                      layout.TAG_SEED: str(t["seed"]), layout.TAG_HASH: key, layout.TAG_COMMIT: t["git_commit"],
+                      layout.TAG_SEARCH: t.get("search", "{}"),
                       **tr.source_tags(t["git_commit"], f"iclmix sweep run {t['sweep']}")},
             )
         else:
             client.update_run(run_id, status="RUNNING")
         ctx = ray.get_runtime_context()
-        tr.set_tags(client, run_id, {"iclmix.resumed_from": source, "iclmix.node": os.uname().nodename,
-                                     "iclmix.ray_node": ctx.get_node_id(),
-                                     "iclmix.gpu_ids": ",".join(map(str, ray.get_gpu_ids())), **device_tags})
+        tr.set_tags(client, run_id, {layout.TAG_RESUMED_FROM: source, layout.TAG_NODE: os.uname().nodename,
+                                     layout.TAG_RAY_NODE: ctx.get_node_id(),
+                                     layout.TAG_GPU_IDS: ",".join(map(str, ray.get_gpu_ids())), **device_tags})
         tr.log_params(client, run_id, trial_params(cfg, t.get("families", [])))
         if source != "fresh":
             _backfill_metrics(client, run_id, work / METRICS, resumed_step)
@@ -230,7 +232,7 @@ def run_trial(config: dict[str, Any]) -> None:
             buffer.flush()
             rows = evaluate_run(result.model, cfg, device=next(result.model.parameters()).device)
         except NonFiniteLossError as e:  # deterministic: retrying from a checkpoint would fail the same way
-            tr.set_tags(client, run_id, {tr.TAG_ERROR: str(e)})
+            tr.set_tags(client, run_id, {layout.TAG_ERROR: str(e)})
             tr.end_run(client, run_id, "FAILED")
             tune.report({"iclmix_failed": 1, "error": str(e)})
             return
@@ -247,8 +249,8 @@ def run_trial(config: dict[str, Any]) -> None:
         tune.report({"step": result.step, "progress": 1.0, "iclmix_failed": 0, **summary})
     except Exception as e:
         if run_id:
-            tr.set_tags(client, run_id, {tr.TAG_ERROR: f"{type(e).__name__}: {e}"[:4000],
-                                         "iclmix.traceback": traceback.format_exc()[-4000:]})
+            tr.set_tags(client, run_id, {layout.TAG_ERROR: f"{type(e).__name__}: {e}"[:4000],
+                                         layout.TAG_TRACEBACK: traceback.format_exc()[-4000:]})
             tr.end_run(client, run_id, "FAILED")
         raise
     finally:

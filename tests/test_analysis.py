@@ -26,6 +26,7 @@ from icl_core.config import ConfigError, dump_yaml, task_family, validate_run_co
 from icl_core.evaluate import EvalRow, summarize, write_eval_csv
 from icl_core.families import Sine, build_mixture
 from iclmix.cli import main
+from sweeps import layout
 from sweeps import tracking as tr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def make_store(root: Path, name: str, cells: list[tuple[str, list[dict]]], seeds
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / src.name)
 
-    parent = tr.ensure_run(client, exp_id, sweep=name, role="parent", name=name, tags={tr.TAG_COMMIT: "abc123"})
+    parent = tr.ensure_run(client, exp_id, sweep=name, role="parent", name=name, tags={layout.TAG_COMMIT: "abc123"})
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / f"{name}.yaml").write_text(sweep_text)
         put(parent, Path(d) / f"{name}.yaml", "sweep")
@@ -97,13 +98,14 @@ def make_store(root: Path, name: str, cells: list[tuple[str, list[dict]]], seeds
             run_id = tr.ensure_run(
                 client, exp_id, sweep=name, role="trial", name=f"cell{ci}-s{seed}-{key[:6]}", parent_id=parent,
                 match={"config_hash": key},
-                tags={tr.TAG_CELL: f"cell{ci}", tr.TAG_CELL_LABEL: label, tr.TAG_SEED: str(seed), tr.TAG_HASH: key,
-                      tr.TAG_COMMIT: "abc123", tr.TAG_SEARCH: "{}"},
+                tags={layout.TAG_CELL: f"cell{ci}", layout.TAG_CELL_LABEL: label, layout.TAG_SEED: str(seed),
+                      layout.TAG_HASH: key, layout.TAG_COMMIT: "abc123", layout.TAG_SEARCH: "{}"},
             )
             tr.log_params(client, run_id, tr.flatten_config(cfg.to_dict()))
             st = status.get((ci, seed), "FINISHED")
             if st == "FAILED":
-                tr.set_tags(client, run_id, {tr.TAG_ERROR: f"RuntimeError: synthetic failure of cell{ci} seed {seed}"})
+                why = f"RuntimeError: synthetic failure of cell{ci} seed {seed}"
+                tr.set_tags(client, run_id, {layout.TAG_ERROR: why})
                 tr.end_run(client, run_id, "FAILED")
                 continue
             if st == "RUNNING":
