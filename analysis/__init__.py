@@ -18,7 +18,6 @@ _EXPORTS = {
     "sweep_file": "load",
     "default_tracking_uri": "load",
     "log_to_parent": "load",
-    "config_from_params": "load",
     "coverage_map": "maps",
     "CoverageMap": "maps",
     "icl_curves": "maps",

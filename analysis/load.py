@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,11 +24,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from icl_core.config import task_family
+from icl_core.config import RunConfig, validate_run_config
 from icl_core.errors import ConfigError
-from icl_core.estimators import ESTIMATORS
-from icl_core.evaluate import EVAL_CSV
-from icl_core.families import Family, Mixture, build_mixture
+from icl_core.evaluate import EVAL_CSV, EVAL_FIELDS
 from icl_core.train import CONFIG
 from sweeps.layout import (
     ANALYSIS_ARTIFACTS,
@@ -45,7 +44,7 @@ from sweeps.layout import (
 )
 from sweeps.tracking import check_reachable, search_all, tracking_uri_from_env  # MLflow + icl_core only: no Ray
 
-from .coverage import coverage_descriptors, family_from_id, in_support, parse_family_id, task_axes
+from .coverage import coverage_descriptors, family_from_id, in_support, task_axes
 
 TASK_COLUMNS = ("task_family", "nnz", "freq", "alpha", "in_support")
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -132,20 +131,20 @@ class _Unreadable(Exception):
     pass
 
 
-def _fetch_files(run, tracking_uri: str, cache_dir: Path | None, local_direct: bool) -> dict[str, str | None]:
-    """The text of eval.csv and config.yaml of a run (None when missing)."""
+def _fetch_files(run, names: tuple[str, ...], tracking_uri: str, cache_dir: Path | None,
+                 local_direct: bool) -> dict[str, str | None]:
+    """The text of the artifacts `names` of a run (None when missing)."""
     uri = run.info.artifact_uri
     local = local_artifact_dir(uri, tracking_uri) if local_direct else None
     if local is not None and local.is_dir():
-        return {name: (local / name).read_text() if (local / name).is_file() else None
-                for name in (EVAL_CSV, CONFIG)}
+        return {name: (local / name).read_text() if (local / name).is_file() else None for name in names}
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
     key = f"{run.info.run_id}-{run.info.end_time or 0}"
     folder = (cache_dir or default_cache_dir()) / key
     out: dict[str, str | None] = {}
-    for name in (EVAL_CSV, CONFIG):
+    for name in names:
         cached = folder / name
         if not cached.is_file():
             folder.mkdir(parents=True, exist_ok=True)
@@ -189,24 +188,6 @@ def _param_value(text: str) -> Any:
         return text
 
 
-def config_from_params(params: Mapping[str, str]) -> dict[str, Any]:
-    """A run config (nested dict) rebuilt from flattened params (`sweeps.tracking.flatten_config`)."""
-    cfg: dict[str, Any] = {}
-    for key, raw in params.items():
-        if key.startswith("data.mixture.weight."):
-            continue
-        value = parse_family_id(raw) if key == "data.mixture" else _param_value(raw)
-        node = cfg
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                break
-        else:
-            node[parts[-1]] = value
-    return cfg
-
-
 def _scalar_params(params: Mapping[str, str]) -> dict[str, Any]:
     out = {}
     for key, raw in params.items():
@@ -219,27 +200,17 @@ def _scalar_params(params: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-class _TrialConfig:
-    """The parts of a trial's config the analysis needs."""
-
-    def __init__(self, cfg: Mapping[str, Any]):
-        data = cfg.get("data") or {}
-        self.dim = int(data.get("dim", 20))
-        self.n_points = int(data.get("n_points", 41))
-        self.mixture: Mixture = build_mixture(data.get("mixture") or [{"family": "linear"}])
-        ev = cfg.get("eval") or {}
-        specs = ev.get("tasks") or []
-        self.tasks: list[Family] = [task_family(s) for s in specs] or list(self.mixture.components)
-        self.estimators = list(ev.get("estimators") or ESTIMATORS)
-        self.eval_points = int(ev.get("n_points") or self.n_points)
-        self.n_prompts = ev.get("n_prompts", 1280)
+def _run_config(run, text: str) -> RunConfig:
+    """The trial's config as it logged it (config.yaml), validated as `iclmix train` would: one source of defaults."""
+    try:
+        return validate_run_config(yaml.load(text, Loader=_YAML_LOADER))
+    except (ConfigError, yaml.YAMLError) as e:
+        raise ConfigError("--sweep", f"the config.yaml of run {run.info.run_name} ({run.info.run_id}) does not "
+                          f"validate with this version of iclmix: {e}") from None
 
 
-def _trial_record(run, files: dict[str, str | None]) -> tuple[dict[str, Any], pd.DataFrame | None, _TrialConfig]:
+def _trial_record(run, files: dict[str, str | None], cfg: RunConfig) -> tuple[dict[str, Any], pd.DataFrame | None]:
     tags, params = run.data.tags, run.data.params
-    text = files.get(CONFIG)
-    cfg = yaml.load(text, Loader=_YAML_LOADER) if text else config_from_params(params)
-    tc = _TrialConfig(cfg)
     seed = tags.get(TAG_SEED, params.get("seed"))
     rec: dict[str, Any] = {
         "run_id": run.info.run_id,
@@ -253,9 +224,9 @@ def _trial_record(run, files: dict[str, str | None]) -> tuple[dict[str, Any], pd
         "failure": tags.get(TAG_ERROR, ""),
         "eval_loss": run.data.metrics.get("eval_loss", np.nan),
         "start_time": run.info.start_time,
-        "dim": tc.dim,
-        "model_size": "x".join(str((cfg.get("model") or {}).get(k, "?")) for k in ("n_layer", "n_head", "n_embd")),
-        **coverage_descriptors(tc.mixture, tc.dim),
+        "dim": cfg.data.dim,
+        "model_size": f"{cfg.model.n_layer}x{cfg.model.n_head}x{cfg.model.n_embd}",
+        **coverage_descriptors(cfg.data.family, cfg.data.dim),
         **_scalar_params(params),
     }
     ev = None
@@ -264,18 +235,15 @@ def _trial_record(run, files: dict[str, str | None]) -> tuple[dict[str, Any], pd
 
         ev = pd.read_csv(StringIO(files[EVAL_CSV]))
     rec["has_eval"] = ev is not None
-    return rec, ev, tc
+    return rec, ev
 
 
-def _missing_rows(tc: _TrialConfig) -> pd.DataFrame:
+def _missing_rows(cfg: RunConfig) -> pd.DataFrame:
     """The rows a trial would have had, with NaN errors."""
-    ks = range(tc.eval_points)
-    rows = [(t.canonical_id, k, e) for t in tc.tasks for k in ks for e in tc.estimators]
-    frame = pd.DataFrame(rows, columns=["task", "k", "estimator"])
-    for col in ("error", "ci_low", "ci_high"):
-        frame[col] = np.nan
-    frame["n_prompts"] = tc.n_prompts
-    return frame
+    ks = range(cfg.eval_points)
+    rows = [(t.canonical_id, k, e, np.nan, np.nan, np.nan, cfg.evaluation.n_prompts)
+            for t in cfg.eval_tasks() for k in ks for e in cfg.evaluation.estimators]
+    return pd.DataFrame(rows, columns=list(EVAL_FIELDS))
 
 
 def load_sweep(
@@ -310,9 +278,8 @@ def load_sweep(
     cache = Path(cache_dir).expanduser() if cache_dir else None
 
     def fetch(run):
-        if run.info.status != "FINISHED":
-            return {}
-        return _fetch_files(run, uri, cache, local_direct)
+        names = (CONFIG, EVAL_CSV) if run.info.status == "FINISHED" else (CONFIG,)
+        return _fetch_files(run, names, uri, cache, local_direct)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         try:
@@ -322,22 +289,33 @@ def load_sweep(
 
     support: dict[tuple[str, str, int], dict[str, Any]] = {}
     parts = []
+    unconfigured = []
     for run, got in zip(runs, files):
-        rec, ev, tc = _trial_record(run, got)
+        if not got.get(CONFIG):  # it died before its first log: nothing says what it was
+            unconfigured.append(run.info.run_name)
+            continue
+        cfg = _run_config(run, got[CONFIG])
+        rec, ev = _trial_record(run, got, cfg)
         if ev is None:
-            ev = _missing_rows(tc)
-        by_id = {t.canonical_id: t for t in tc.tasks}
+            ev = _missing_rows(cfg)
+        mixture, dim = cfg.data.family, cfg.data.dim
+        by_id = {t.canonical_id: t for t in cfg.eval_tasks()}
         per_task = {}
         for tid in pd.unique(ev["task"]):
-            key = (tid, tc.mixture.canonical_id, tc.dim)
+            key = (tid, mixture.canonical_id, dim)
             if key not in support:
                 fam = by_id.get(tid) or family_from_id(tid)
-                support[key] = {**task_axes(fam, tc.dim), "in_support": in_support(fam, tc.mixture, tc.dim)}
+                support[key] = {**task_axes(fam, dim), "in_support": in_support(fam, mixture, dim)}
             per_task[tid] = support[key]
         ev = ev.assign(**{c: ev["task"].map({t: v[c] for t, v in per_task.items()}) for c in TASK_COLUMNS})
         trial = pd.DataFrame([rec]).loc[[0] * len(ev)].reset_index(drop=True)
         parts.append(pd.concat([trial, ev.reset_index(drop=True)], axis=1))
 
+    if unconfigured:
+        warnings.warn(f"{len(unconfigured)} trial run(s) of {name!r} logged no config.yaml and are left out: "
+                      f"{', '.join(unconfigured[:5])}{' …' if len(unconfigured) > 5 else ''}", stacklevel=2)
+    if not parts:
+        raise ConfigError("--sweep", f"no trial run of sweep {name!r} in {uri} logged its config.yaml yet")
     frame = pd.concat(parts, ignore_index=True, sort=False)
     for col in frame.columns:
         if col.startswith("weight:"):

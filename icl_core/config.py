@@ -289,6 +289,16 @@ class RunConfig(Strict):
                 data[section].pop(key, None)
         return config_hash(data)
 
+    @property
+    def evaluation(self) -> EvalConfig:
+        """The eval section, its defaults where the config has none."""
+        return self.eval or EvalConfig()
+
+    @property
+    def eval_points(self) -> int:
+        """Prompt length at evaluation (default: the training length)."""
+        return self.evaluation.n_points or self.data.n_points
+
     def eval_tasks(self) -> list[Family]:
         """The eval tasks; by default each component of the pretraining mixture."""
         if self.eval and self.eval.tasks:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .config import RunConfig
-from .estimators import ESTIMATORS, REGISTRY
+from .estimators import REGISTRY
 from .families import Family, sample_prompts
 from .model import ICLTransformer
 
@@ -139,8 +139,8 @@ def evaluate_run(
     progress: bool = False,
 ) -> list[EvalRow]:
     """Evaluate a trained model as its config's eval section says (tasks and n_prompts may be overridden)."""
-    ev = cfg.eval
-    names = list(ev.estimators) if ev else list(ESTIMATORS)
+    ev = cfg.evaluation
+    names = list(ev.estimators)
     noise = cfg.data.noise_std
     pretrain = cfg.data.family
     predictors: dict[str, Predictor] = {}
@@ -150,10 +150,10 @@ def evaluate_run(
         predictors,
         list(tasks) if tasks is not None else cfg.eval_tasks(),
         dim=cfg.data.dim,
-        n_points=(ev.n_points if ev and ev.n_points else cfg.data.n_points),
-        n_prompts=n_prompts or (ev.n_prompts if ev else 1280),
+        n_points=cfg.eval_points,
+        n_prompts=n_prompts or ev.n_prompts,
         noise_std=noise,
-        seed=ev.seed if ev else 12345,
+        seed=ev.seed,
         make_predictors=lambda task: estimator_predictors(
             [n for n in names if n != "model"], task, pretrain, noise
         ),

@@ -81,7 +81,7 @@ def resolve_device(name: str) -> torch.device:
 def model_config(cfg: RunConfig) -> ModelConfig:
     return ModelConfig(
         dim=cfg.data.dim,
-        max_points=max(cfg.data.n_points, (cfg.eval.n_points or 0) if cfg.eval else 0),
+        max_points=max(cfg.data.n_points, cfg.eval_points),
         n_layer=cfg.model.n_layer,
         n_head=cfg.model.n_head,
         n_embd=cfg.model.n_embd,

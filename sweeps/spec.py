@@ -21,7 +21,6 @@ from pydantic import Field, ValidationError, field_validator
 
 from icl_core.config import MAX_SEED, RunConfig, config_hash, read_yaml, set_dotted, validate_run_config
 from icl_core.errors import ConfigError, Strict, from_validation_error
-from icl_core.estimators import ESTIMATORS
 from icl_core.families import build_family
 
 from .findings import validate_checks
@@ -302,7 +301,7 @@ def check_names(spec: SweepSpec, trials: list[Trial]) -> None:
     tasks = {f.canonical_id for t in trials for f in t.config.eval_tasks()}
     mixtures = {t.config.data.family.canonical_id for t in trials}
     families = {c.canonical_id for t in trials for c in t.config.data.family.components}
-    estimators = {e for t in trials for e in (t.config.eval.estimators if t.config.eval else ESTIMATORS)}
+    estimators = {e for t in trials for e in t.config.evaluation.estimators}
 
     def need(value: Any, have: set[str], field_name: str, what: str) -> None:
         if value is not None and value not in have:

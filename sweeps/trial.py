@@ -22,7 +22,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from icl_core.config import validate_run_config
+from icl_core.config import dump_yaml, validate_run_config
 from icl_core.evaluate import EVAL_CSV, evaluate_run, summarize, write_eval_csv
 from icl_core.train import (
     CHECKPOINT,
@@ -218,6 +218,8 @@ def run_trial(config: dict[str, Any]) -> None:
                                      layout.TAG_RAY_NODE: ctx.get_node_id(),
                                      layout.TAG_GPU_IDS: ",".join(map(str, ray.get_gpu_ids())), **device_tags})
         tr.log_params(client, run_id, trial_params(cfg, t.get("families", [])))
+        (work / CONFIG).write_text(dump_yaml(cfg))  # first: a trial that fails still says what it was
+        client.log_artifact(run_id, str(work / CONFIG))
         if source != "fresh":
             _backfill_metrics(client, run_id, work / METRICS, resumed_step)
         try:
@@ -242,7 +244,7 @@ def run_trial(config: dict[str, Any]) -> None:
             summary["gpu/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         now = int(time.time() * 1000)
         tr.log_metrics(client, run_id, [Metric(k, v, now, 0) for k, v in summary.items()])  # one value, no steps
-        for name in (CONFIG, EVAL_CSV, METRICS, CHECKPOINT):
+        for name in (EVAL_CSV, METRICS, CHECKPOINT):
             client.log_artifact(run_id, str(work / name))
         _log_curve_figure(client, run_id, rows, cfg, t["run_name"], work)
         tr.end_run(client, run_id, "FINISHED")

@@ -20,7 +20,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from analysis.coverage import coverage_descriptors, family_from_id, in_support, parse_family_id, task_axes
-from analysis.load import config_from_params, load_sweep, sweep_file
+from analysis.load import load_sweep, sweep_file
 from analysis.maps import coverage_map, icl_curves, model_selection, seed_interval
 from icl_core.config import ConfigError, dump_yaml, task_family, validate_run_config
 from icl_core.evaluate import EvalRow, summarize, write_eval_csv
@@ -103,6 +103,12 @@ def make_store(root: Path, name: str, cells: list[tuple[str, list[dict]]], seeds
             )
             tr.log_params(client, run_id, tr.flatten_config(cfg.to_dict()))
             st = status.get((ci, seed), "FINISHED")
+            if st == "NO_CONFIG":  # killed before its first log
+                tr.end_run(client, run_id, "KILLED")
+                continue
+            with tempfile.TemporaryDirectory() as d:  # logged when the trial starts, as sweeps/trial.py does
+                (Path(d) / "config.yaml").write_text(dump_yaml(cfg))
+                put(run_id, Path(d) / "config.yaml")
             if st == "FAILED":
                 why = f"RuntimeError: synthetic failure of cell{ci} seed {seed}"
                 tr.set_tags(client, run_id, {layout.TAG_ERROR: why})
@@ -114,11 +120,9 @@ def make_store(root: Path, name: str, cells: list[tuple[str, list[dict]]], seeds
                     for ti, t in enumerate(tasks) for e in estimators for k in range(n_points)
                     for v in [error_fn(e, ti, k, ci, seed)]]
             with tempfile.TemporaryDirectory() as d:
-                (Path(d) / "config.yaml").write_text(dump_yaml(cfg))
                 write_eval_csv(rows, Path(d) / "eval.csv")
                 tr.log_metrics(client, run_id, [Metric(k, v, 0, 10) for k, v in summarize(rows).items()])
-                for f in ("config.yaml", "eval.csv"):
-                    put(run_id, Path(d) / f)
+                put(run_id, Path(d) / "eval.csv")
             tr.end_run(client, run_id, "FINISHED")
     return uri
 
@@ -221,14 +225,17 @@ def test_download_path_and_cache(frame, synth, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*/eval.csv")} == cached
 
 
-def test_config_from_params_rebuilds_mixture_and_tasks(synth):
-    client = MlflowClient(synth[0])
-    run = client.search_runs([client.get_experiment_by_name("synth").experiment_id],
-                             "tags.`iclmix.role` = 'trial' and attributes.status = 'FAILED'")[0]
-    cfg = config_from_params(run.data.params)
-    assert build_mixture(cfg["data"]["mixture"]).canonical_id == run.data.params["data.mixture"]
-    assert [task_family(t).canonical_id for t in cfg["eval"]["tasks"]] == [SPARSE1, SPARSE2, LINEAR]
-    assert cfg["data"]["dim"] == 5 and cfg["eval"]["estimators"] == ESTIMATORS
+def test_failed_trial_is_read_back_from_its_config_and_one_without_is_left_out_with_a_warning(store_root):
+    """A failed trial's rows come from its config.yaml (its tasks, estimators and defaults, validated as
+    `iclmix train` would); a run that died before logging it cannot be placed, and the warning says so."""
+    cells = [("a", _mixture(0.5)), ("b", _mixture(1.0))]
+    uri = make_store(store_root, "noconf", cells, [0], [{"family": "linear"}], ["model", "ols"], 3, 3,
+                     lambda e, ti, k, ci, s: 0.5, {(0, 0): "FAILED", (1, 0): "NO_CONFIG"}, "name: noconf\n")
+    with pytest.warns(UserWarning, match=r"1 trial run\(s\) of 'noconf' logged no config.yaml and are left out"):
+        got = load_sweep("noconf", uri)
+    assert set(got["cell_label"]) == {"a"} and got["status"].eq("FAILED").all() and got["error"].isna().all()
+    assert sorted(got["estimator"].unique()) == ["model", "ols"] and sorted(got["k"].unique()) == [0, 1, 2]
+    assert got["n_prompts"].eq(64).all() and got["task"].eq(LINEAR).all() and got["dim"].eq(3).all()
 
 
 # ---------------------------------------------------------------- the map
