@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from icl_core.config import ConfigError, check_writable_folder, memory_estimate, memory_problem
 
@@ -28,6 +28,9 @@ from . import layout
 from . import tracking as tr
 from .reaper import start_reaper, stop_reaper
 from .spec import SweepSpec, Trial, axis_values, load_sweep, resolve, trial_count
+
+if TYPE_CHECKING:
+    from .trial import TrialPayload
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET_ENV = {
@@ -70,26 +73,16 @@ def run_name(trial: Trial, search: dict[str, Any] | None = None) -> str:
     return name[:250]
 
 
-def _payload(ctx: SweepContext, trial: Trial, parent_id: str, search: dict[str, Any] | None = None) -> dict:
-    return {
-        "config": trial.config.to_dict(),
-        "hash": trial.hash,
-        "name": f"{trial.cell.id}-s{trial.seed}-{trial.hash[:6]}",  # Ray's trial folder: short and plain
-        "run_name": run_name(trial, search),
-        "families": ctx.families,
-        "cell": trial.cell.id,
-        "cell_label": trial.cell.label,
-        "seed": trial.seed,
-        "search": json.dumps(search or {}, sort_keys=True),
-        "sweep": ctx.spec.name,
-        "tracking_uri": ctx.tracking_uri,
-        "experiment_id": ctx.experiment_id,
-        "parent_run_id": parent_id,
-        "git_commit": ctx.git_commit,
-        "store": ctx.root,
-        "cpus": ctx.spec.resources.cpu,
-        "gpus": ctx.spec.resources.gpu,
-    }
+def _payload(ctx: SweepContext, trial: Trial, parent_id: str, search: dict[str, Any] | None = None) -> TrialPayload:
+    from .trial import TrialPayload
+
+    return TrialPayload(
+        config=trial.config, hash=trial.hash, name=f"{trial.cell.id}-s{trial.seed}-{trial.hash[:6]}",
+        run_name=run_name(trial, search), families=tuple(ctx.families), cell=trial.cell.id,
+        cell_label=trial.cell.label, seed=trial.seed, search=json.dumps(search or {}, sort_keys=True),
+        sweep=ctx.spec.name, tracking_uri=ctx.tracking_uri, experiment_id=ctx.experiment_id, parent_run_id=parent_id,
+        git_commit=ctx.git_commit, store=ctx.root, cpus=ctx.spec.resources.cpu, gpus=ctx.spec.resources.gpu,
+    )
 
 
 class Progress:
@@ -172,7 +165,7 @@ def _callback(progress: Progress):
     return ProgressCallback()
 
 
-def _run_round(ctx: SweepContext, payloads: list[dict], progress: Progress, round_name: str) -> None:
+def _run_round(ctx: SweepContext, payloads: list[TrialPayload], progress: Progress, round_name: str) -> None:
     from ray import tune
 
     from .trial import run_trial
@@ -180,15 +173,17 @@ def _run_round(ctx: SweepContext, payloads: list[dict], progress: Progress, roun
     if not payloads:
         return
     spec = ctx.spec
-    trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    # Tune sees only each payload's index; the typed payloads travel whole through Ray's object store.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, payloads=payloads),
+                                    {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     storage = f"{ctx.root}/ray" if layout.is_uri(ctx.root) else str(Path(ctx.root) / "ray")
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(payloads)},
+        param_space={"trial": tune.grid_search(list(range(len(payloads))))},
         tune_config=tune.TuneConfig(
             reuse_actors=True,  # a new trial skips the process start and the torch/mlflow imports
-            trial_name_creator=lambda t: t.config["trial"]["name"],
-            trial_dirname_creator=lambda t: t.config["trial"]["name"],
+            trial_name_creator=lambda t: payloads[t.config["trial"]].name,
+            trial_dirname_creator=lambda t: payloads[t.config["trial"]].name,
         ),
         run_config=tune.RunConfig(
             name=round_name,
@@ -201,13 +196,13 @@ def _run_round(ctx: SweepContext, payloads: list[dict], progress: Progress, roun
     )
     grid = tuner.fit()
     for result in grid:
-        payload = result.config["trial"] if result.config else None
-        if payload is None:
+        if not result.config or "trial" not in result.config:
             continue
+        payload = payloads[result.config["trial"]]
         if result.error is not None:
-            ctx.failed[payload["hash"]] = f"{type(result.error).__name__}: {result.error}".splitlines()[0]
+            ctx.failed[payload.hash] = f"{type(result.error).__name__}: {result.error}".splitlines()[0]
         elif (result.metrics or {}).get("iclmix_failed"):
-            ctx.failed[payload["hash"]] = str(result.metrics.get("error", "failed"))
+            ctx.failed[payload.hash] = str(result.metrics.get("error", "failed"))
 
 
 def _grid_round(ctx: SweepContext, trials: list[Trial], done: set[str], progress: Progress) -> dict[str, str]:

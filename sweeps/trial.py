@@ -12,6 +12,8 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from icl_core.config import dump_yaml, validate_run_config
+from icl_core.config import RunConfig, dump_yaml
 from icl_core.evaluate import EVAL_CSV, evaluate_run, summarize, write_eval_csv
 from icl_core.train import (
     CHECKPOINT,
@@ -135,7 +137,7 @@ def _backfill_metrics(client: MlflowClient, run_id: str, metrics_csv: Path, upto
     tr.log_metrics(client, run_id, batch)
 
 
-def trial_params(cfg, families: list[str]) -> dict[str, str]:
+def trial_params(cfg: RunConfig, families: Iterable[str]) -> dict[str, str]:
     """The resolved config as MLflow params, with a weight for every family of the sweep (0 where absent), so
     the runs table can sort and filter by any family's weight."""
     params = tr.flatten_config(cfg.to_dict())
@@ -183,16 +185,38 @@ def claim_device(gpus: float, wanted: str) -> tuple[torch.device, dict[str, str]
     return device, tags
 
 
-def run_trial(config: dict[str, Any]) -> None:
-    """Ray Tune entry point; `config["trial"]` is the payload built by the driver."""
-    t = config["trial"]
-    cfg = validate_run_config(t["config"])
-    key = t["hash"]
-    torch.set_num_threads(max(1, int(t.get("cpus", 1))))
-    device, device_tags = claim_device(float(t.get("gpus", 0)), cfg.train.device)
+@dataclass(frozen=True)
+class TrialPayload:
+    """What the driver hands a trial: its validated config, who it is in the sweep, and where it reports."""
 
-    client = MlflowClient(t["tracking_uri"])
-    store = CheckpointStore(t["store"])
+    config: RunConfig
+    hash: str
+    name: str  # Ray's trial folder: short and plain
+    run_name: str  # MLflow's: what the trial is
+    families: tuple[str, ...]  # every family of the sweep's mixtures (a weight param for each)
+    cell: str
+    cell_label: str
+    seed: int
+    search: str  # the Optuna parameters as JSON ("{}" in a grid)
+    sweep: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    git_commit: str
+    store: str
+    cpus: float
+    gpus: float
+
+
+def run_trial(config: dict[str, Any], payloads: Sequence[TrialPayload]) -> None:
+    """Ray Tune entry point: `config["trial"]` indexes the payloads the driver built for this round."""
+    t = payloads[config["trial"]]
+    cfg, key = t.config, t.hash
+    torch.set_num_threads(max(1, int(t.cpus)))
+    device, device_tags = claim_device(t.gpus, cfg.train.device)
+
+    client = MlflowClient(t.tracking_uri)
+    store = CheckpointStore(t.store)
     work = Path(tempfile.mkdtemp(prefix=f"iclmix-{key}-"))
     run_id: str | None = None
     try:
@@ -204,12 +228,11 @@ def run_trial(config: dict[str, Any]) -> None:
             del ckpt
         if run_id is None:
             run_id = tr.ensure_run(
-                client, t["experiment_id"], sweep=t["sweep"], role="trial", name=t["run_name"],
-                parent_id=t["parent_run_id"], match={"config_hash": key},
-                tags={layout.TAG_CELL: t["cell"], layout.TAG_CELL_LABEL: t["cell_label"],
-                      layout.TAG_SEED: str(t["seed"]), layout.TAG_HASH: key, layout.TAG_COMMIT: t["git_commit"],
-                      layout.TAG_SEARCH: t.get("search", "{}"),
-                      **tr.source_tags(t["git_commit"], f"iclmix sweep run {t['sweep']}")},
+                client, t.experiment_id, sweep=t.sweep, role="trial", name=t.run_name,
+                parent_id=t.parent_run_id, match={"config_hash": key},
+                tags={layout.TAG_CELL: t.cell, layout.TAG_CELL_LABEL: t.cell_label, layout.TAG_SEED: str(t.seed),
+                      layout.TAG_HASH: key, layout.TAG_COMMIT: t.git_commit, layout.TAG_SEARCH: t.search,
+                      **tr.source_tags(t.git_commit, f"iclmix sweep run {t.sweep}")},
             )
         else:
             client.update_run(run_id, status="RUNNING")
@@ -217,7 +240,7 @@ def run_trial(config: dict[str, Any]) -> None:
         tr.set_tags(client, run_id, {layout.TAG_RESUMED_FROM: source, layout.TAG_NODE: os.uname().nodename,
                                      layout.TAG_RAY_NODE: ctx.get_node_id(),
                                      layout.TAG_GPU_IDS: ",".join(map(str, ray.get_gpu_ids())), **device_tags})
-        tr.log_params(client, run_id, trial_params(cfg, t.get("families", [])))
+        tr.log_params(client, run_id, trial_params(cfg, t.families))
         (work / CONFIG).write_text(dump_yaml(cfg))  # first: a trial that fails still says what it was
         client.log_artifact(run_id, str(work / CONFIG))
         if source != "fresh":
@@ -246,7 +269,7 @@ def run_trial(config: dict[str, Any]) -> None:
         tr.log_metrics(client, run_id, [Metric(k, v, now, 0) for k, v in summary.items()])  # one value, no steps
         for name in (EVAL_CSV, METRICS, CHECKPOINT):
             client.log_artifact(run_id, str(work / name))
-        _log_curve_figure(client, run_id, rows, cfg, t["run_name"], work)
+        _log_curve_figure(client, run_id, rows, cfg, t.run_name, work)
         tr.end_run(client, run_id, "FINISHED")
         tune.report({"step": result.step, "progress": 1.0, "iclmix_failed": 0, **summary})
     except Exception as e:
