@@ -211,7 +211,7 @@ def ours(
 
         def step() -> float:
             with single_threaded_ops():  # the whole step, as train() runs it
-                return threaded(*draw()).item()
+                return threaded(*draw(), tc.lr).item()
 
         return step
     return make_step(model, opt, draw, forward=torch.compile(model) if compile else None,

@@ -85,3 +85,9 @@ class GraphedStep:
             group["lr"].fill_(lr)
         self.graph.replay()
         return self.loss
+
+    def __enter__(self) -> GraphedStep:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None

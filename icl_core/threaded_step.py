@@ -38,11 +38,11 @@ def _sum_into(total: Tensor, grad: Tensor) -> Tensor:
 
 
 class ThreadedStep:
-    """`step(xs, ys)` -> the loss tensor: `threads` shards of the batch, forward and backward each on its own
+    """`step(xs, ys, lr)` -> the loss tensor: `threads` shards of the batch, forward and backward each on its own
     thread (the caller's is one), gradients summed, then clip and the optimizer step.
 
-    Run it inside `single_threaded_ops()`, so no shard's ops spread over the other shards' cores. `close()`
-    ends the worker threads.
+    Run it inside `with step:` (or `single_threaded_ops()`), so no shard's ops spread over the other shards'
+    cores; leaving the block, or `close()`, ends the worker threads.
     """
 
     def __init__(self, model: ICLTransformer, optimizer: torch.optim.Optimizer, grad_clip: float, threads: int):
@@ -58,7 +58,9 @@ class ThreadedStep:
         loss = (self.model(xs, ys) - ys).square().sum() / count
         return loss.detach(), torch.autograd.grad(loss, self.params, allow_unused=True)
 
-    def __call__(self, xs: Tensor, ys: Tensor) -> Tensor:
+    def __call__(self, xs: Tensor, ys: Tensor, lr: float) -> Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         shards = list(zip(xs.tensor_split(self.threads), ys.tensor_split(self.threads)))
         shards = [(x, y) for x, y in shards if len(x)]  # a batch smaller than `threads` leaves some empty
         count = ys.numel()
@@ -84,3 +86,14 @@ class ThreadedStep:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+    def __enter__(self) -> ThreadedStep:
+        self._ops = single_threaded_ops()
+        self._ops.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._ops.__exit__(None, None, None)
+        finally:
+            self.close()

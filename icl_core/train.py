@@ -24,11 +24,11 @@ from typing import Any, Protocol
 import torch
 
 from .config import ConfigError, RunConfig, TrainConfig, dump_yaml, validate_run_config
-from .cuda_graph import GraphedStep, capturable_lr
+from .cuda_graph import capturable_lr
 from .errors import NonFiniteLossError
 from .families import sample_prompts
 from .model import ICLTransformer, ModelConfig
-from .threaded_step import ThreadedStep, single_threaded_ops
+from .step import make_step
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
@@ -303,72 +303,29 @@ def train(
     graphed = cfg.train.cuda_graph and device.type == "cuda"  # on CPU the same config trains eagerly
     optimizer = build_optimizer(model, cfg.train, device, capturable=graphed)
     gen = data_generator(cfg.seed, device)
-    step = 0
-    extra = dict(extra or {})
-    last: dict[str, float] = {}
+    step, extra, last = 0, dict(extra or {}), {}
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device, required=RESUME_KEYS)
-        if ckpt["config_hash"] != cfg.config_hash:
-            raise ConfigError(
-                "--resume", f"{ckpt_path} was written by another config (hash {ckpt['config_hash']})"
-            )
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            gen.set_state(ckpt["data_rng"].to(gen.get_state().device))
-        except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as e:
-            raise _not_a_checkpoint(ckpt_path, f"its state does not load: {_first_line(e)}") from None
-        if graphed:
-            capturable_lr(optimizer, device)  # the loaded groups carry their own lr objects
-        step = ckpt["step"]
-        extra = {**ckpt.get("extra", {}), **extra}
-        last = dict(ckpt.get("metrics", {}))
+        step, saved, last = _resume(ckpt_path, cfg, model, optimizer, gen, device, capturable=graphed)
+        extra = {**saved, **extra}
     with _write_error("--out", out / CONFIG):
         atomic_write_text(out / CONFIG, dump_yaml(cfg))
     _truncate_metrics(out / METRICS, step)
 
     tc = cfg.train
-    forward = torch.compile(model) if tc.compile else model
-    graphed_step = GraphedStep(model, optimizer, tc.grad_clip) if graphed else None
-    threaded = tc.batch_threads > 1 and device.type == "cpu"  # on CUDA the same config trains as one batch
-    threaded_step = ThreadedStep(model, optimizer, tc.grad_clip, tc.batch_threads) if threaded else None
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )
+    family = cfg.data.family
     loss_val = float("nan")
     first_bad = torch.zeros((), dtype=torch.long, device=device)
     bad_loss = torch.zeros((), device=device)
     start = time.perf_counter()
     bar = _progress_bar(tc.steps, step, progress)
     model.train()
-    with (
-        open(out / METRICS, "a", newline="") as metrics_file,
-        single_threaded_ops() if threaded else contextlib.nullcontext(),
-        contextlib.closing(threaded_step) if threaded_step else contextlib.nullcontext(),
-    ):
+    with open(out / METRICS, "a", newline="") as metrics_file, make_step(model, optimizer, tc, device) as train_step:
         writer = csv.DictWriter(metrics_file, fieldnames=METRIC_FIELDS)
         while step < tc.steps:
             lr = lr_at(step, tc)
             n_dims, n_points = cfg.data.dims_at(step), cfg.data.points_at(step)
-            xs, ys = sample_prompts(
-                cfg.data.family, tc.batch_size, n_points, cfg.data.dim, gen, cfg.data.noise_std, n_dims
-            )
-            if graphed_step is not None:
-                loss = graphed_step(xs, ys, lr)
-            else:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                if threaded_step is not None:
-                    loss = threaded_step(xs, ys)
-                else:
-                    with autocast:
-                        pred = forward(xs, ys)
-                    loss = (pred.float() - ys).square().mean()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if tc.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                    optimizer.step()
+            xs, ys = sample_prompts(family, tc.batch_size, n_points, cfg.data.dim, gen, cfg.data.noise_std, n_dims)
+            loss = train_step(xs, ys, lr)
             # The first non-finite step is kept on the device and read at log and checkpoint steps only: a
             # per-step loss.item() would make the host wait for the GPU every step. Steps after it run on NaN
             # weights that are never logged or saved.
@@ -399,6 +356,24 @@ def train(
     if bar is not None:
         bar.close()
     return TrainResult(model, cfg, out, step, last.get("loss", loss_val), extra)
+
+
+def _resume(path: Path, cfg: RunConfig, model: ICLTransformer, optimizer: torch.optim.Optimizer,
+            gen: torch.Generator, device: torch.device,
+            capturable: bool) -> tuple[int, dict[str, Any], dict[str, float]]:
+    """Load a checkpoint of this config into model, optimizer and data generator: (step, extra, last metrics)."""
+    ckpt = load_checkpoint(path, map_location=device, required=RESUME_KEYS)
+    if ckpt["config_hash"] != cfg.config_hash:
+        raise ConfigError("--resume", f"{path} was written by another config (hash {ckpt['config_hash']})")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["data_rng"].to(gen.get_state().device))
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as e:
+        raise _not_a_checkpoint(path, f"its state does not load: {_first_line(e)}") from None
+    if capturable:
+        capturable_lr(optimizer, device)  # the loaded groups carry their own lr objects
+    return ckpt["step"], dict(ckpt.get("extra", {})), dict(ckpt.get("metrics", {}))
 
 
 def _raise_if_non_finite(first_bad: torch.Tensor, bad_loss: torch.Tensor) -> None:

@@ -234,7 +234,7 @@ def test_attention_kernel_lever_gives_sdpa_gradients_on_two_shard_threads(mlp):
     for model in (sdpa, kernel):
         step = ThreadedStep(model, torch.optim.SGD(model.parameters(), lr=0.0), grad_clip=0.0, threads=2)
         with single_threaded_ops():
-            losses.append(step(xs, ys).item())
+            losses.append(step(xs, ys, 0.0).item())
         step.close()
     assert losses[1] == pytest.approx(losses[0], abs=1e-6)
     _assert_same_gradients(sdpa, kernel)
@@ -339,7 +339,7 @@ def test_process_shard_lever_trains_bit_identically_to_shard_threads():
         with single_threaded_ops():
             for batch, points in [(9, 11), (9, 7), (8, 11), (2, 5), (9, 11)]:
                 xs, ys = sample_prompts(Linear(), batch, points, 5, gen)
-                assert by_threads(xs, ys).item() == by_processes(xs, ys).item()
+                assert by_threads(xs, ys, tc.lr).item() == by_processes(xs, ys).item()
         for (name, p), q in zip(threads.named_parameters(), processes.parameters()):
             assert torch.equal(p, q), name
         assert not torch.equal(threads.read_in.weight, before)  # the steps trained
@@ -380,8 +380,8 @@ def test_process_shard_lever_runs_the_kernel_levers_in_its_shard_processes():
         with single_threaded_ops():
             for _ in range(3):
                 xs, ys = sample_prompts(Linear(), 8, 11, 5, gen)
-                assert by_threads(xs, ys).item() == by_processes(xs, ys).item()
-                by_sdpa(xs, ys)
+                assert by_threads(xs, ys, tc.lr).item() == by_processes(xs, ys).item()
+                by_sdpa(xs, ys, tc.lr)
         for (name, p), q in zip(threads.named_parameters(), processes.parameters()):
             assert torch.equal(p, q), name
         # The comparison can tell the kernels from SDPA: the SDPA model's weights differ in rounding.

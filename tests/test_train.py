@@ -211,7 +211,7 @@ def test_threaded_step_runs_each_shard_on_its_own_single_threaded_thread():
     import threading
 
     from icl_core.families import Linear, sample_prompts
-    from icl_core.threaded_step import ThreadedStep, single_threaded_ops
+    from icl_core.threaded_step import ThreadedStep
     from icl_core.train import build_model, build_optimizer
 
     cfg = validate_run_config(tiny(batch_threads=2))
@@ -225,12 +225,9 @@ def test_threaded_step_runs_each_shard_on_its_own_single_threaded_thread():
         expected = (model(xs, ys) - ys).square().mean().item()  # the batch loss before the step
     seen.clear()
     before = torch.get_num_threads()
-    try:
-        with single_threaded_ops():
-            loss = step(xs, ys)
-    finally:
-        step.close()
-    assert torch.get_num_threads() == before
+    with step:  # single-threaded ops inside, the thread count put back and the shard threads ended after
+        loss = step(xs, ys, cfg.train.lr)
+    assert torch.get_num_threads() == before and step.pool._shutdown
     assert len({t for t, _, _ in seen}) == 2 and {(n, size) for _, n, size in seen} == {(1, 16)}
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
