@@ -1,22 +1,27 @@
-"""`iclmix analyze check`: is the finding a sweep exists for visible in its results? PASS/FAIL with the numbers.
+"""The findings a sweep exists to show, each finding's schema next to the check that measures it.
 
-The finding and its thresholds come from the sweep file's `checks:` section (`sweeps/findings.py`); this
-module only measures. Model errors are averaged over seeds (trials of a cell), per k, from a `load_sweep`
-frame; estimators that do not depend on the trial (baselines, Bayes) are averaged the same way.
+A sweep file's `checks:` section picks one finding (`finding:`) with its thresholds; it is validated with the rest
+of the file, before anything launches, and measured on the finished sweep by `iclmix analyze check` (PASS/FAIL with
+the numbers). Errors are the normalized squared errors of the eval (zero predictor = 1); "mean over k" is over the
+k named by each check. Model errors are averaged over seeds (trials of a cell), per k, from a `load_sweep` frame;
+estimators that do not depend on the trial (baselines, Bayes) are averaged the same way.
+
+pandas is imported where a check runs, not here: validating a sweep file must not wait for it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
+from pydantic import Field, ValidationError, field_validator
 
-from icl_core.config import ConfigError
-from sweeps.findings import Check, ConvexCombination, Coverage, FrequencyExtremes, Interpolation, ModelSelection
+from icl_core.errors import ConfigError, Strict, from_validation_error
 
-from .maps import select_best
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -27,7 +32,7 @@ class CheckResult:
     claim: str
     passed: bool
     lines: list[str]
-    table: pd.DataFrame = field(default_factory=pd.DataFrame)
+    table: pd.DataFrame
 
     def text(self, sweep: str = "") -> str:
         head = f"{sweep}: {self.finding}" if sweep else self.finding
@@ -36,10 +41,14 @@ class CheckResult:
 
 
 def _finished(frame: pd.DataFrame) -> pd.DataFrame:
+    from .maps import select_best
+
     return select_best(frame[frame["error"].notna()])
 
 
 def _mixtures(frame: pd.DataFrame) -> list[str]:
+    import pandas as pd
+
     return [str(m) for m in pd.unique(frame.drop_duplicates("run_id")["mixture"].astype(str))]
 
 
@@ -77,10 +86,32 @@ def _n_seeds(rows: pd.DataFrame) -> int:
     return int(rows["run_id"].nunique())
 
 
-# ---------------------------------------------------------------- finding 1
+class _Check(Strict):
+    @field_validator("k", "position", mode="before", check_fields=False)
+    @classmethod
+    def _pair(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v  # YAML has lists, not tuples
+
+# ---------------------------------------------------------------- finding 1: model selection
+
+
+class ModelSelection(_Check):
+    """Finding 1: at mixture weight `weight` (of family_a; family_b has the rest) the model is, at every k,
+    within max(rel_tol x specialist, abs_tol) of each family's specialist (the model pretrained on that
+    family alone) and within max(bayes_rel_tol x bayes_pretrain, abs_tol) of its own mixture's Bayes predictor."""
+
+    finding: Literal["model_selection"]
+    family_a: str
+    family_b: str
+    weight: float = Field(0.5, gt=0, lt=1)
+    rel_tol: float = Field(0.15, ge=0)
+    abs_tol: float = Field(0.02, ge=0)
+    bayes_rel_tol: float = Field(0.20, ge=0)
 
 
 def check_model_selection(frame: pd.DataFrame, c: ModelSelection) -> CheckResult:
+    import pandas as pd
+
     frame = _finished(frame)
     lines, table, ok = [], [], True
     for fam, w in ((c.family_a, c.weight), (c.family_b, 1 - c.weight)):
@@ -117,11 +148,40 @@ def check_model_selection(frame: pd.DataFrame, c: ModelSelection) -> CheckResult
              f"specialist and within max({c.bayes_rel_tol:.0%}, {c.abs_tol:g}) of bayes_pretrain at every k")
     return CheckResult("model_selection", claim, ok, lines, pd.concat(table, ignore_index=True))
 
+# ---------------------------------------------------------------- finding 2: interpolation
 
-# ---------------------------------------------------------------- finding 2
+
+class Interpolation(_Check):
+    """Finding 2: pretrained on `mixture`, on sparse tasks of intermediate nnz the model's error (mean over k in
+    `k`, default 1 … d−1) lies between the `low` and `high` estimators' errors: its position
+    (model − low) / (high − low) is inside `position`."""
+
+    finding: Literal["interpolation"]
+    mixture: str
+    test_nnz: list[int] = Field(min_length=1)
+    low: str = "lasso"
+    high: str = "ols"
+    k: tuple[int, int] | None = None
+    position: tuple[float, float] = (0.0, 1.0)
+
+    @field_validator("k")
+    @classmethod
+    def _k_range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 0 <= v[0] <= v[1]:
+            raise ValueError("must be an increasing range of k >= 0")
+        return v
+
+    @field_validator("position")
+    @classmethod
+    def _position_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not v[0] < v[1]:
+            raise ValueError("must be an increasing range")
+        return v
 
 
 def check_interpolation(frame: pd.DataFrame, c: Interpolation) -> CheckResult:
+    import pandas as pd
+
     rows = _mixture_rows(_finished(frame), c.mixture)
     _need(rows, c.low, "checks.low")
     _need(rows, c.high, "checks.high")
@@ -144,11 +204,25 @@ def check_interpolation(frame: pd.DataFrame, c: Interpolation) -> CheckResult:
              f"(mean over k = {ks[0]}…{ks[1]}) lies between {c.low}'s and {c.high}'s")
     return CheckResult("interpolation", claim, ok, lines, pd.DataFrame(table))
 
+# ---------------------------------------------------------------- finding 3: convex combinations
 
-# ---------------------------------------------------------------- finding 3
+
+class ConvexCombination(_Check):
+    """Finding 3: on convex combinations α·a + (1−α)·b the model's excess error over `reference` (mean over
+    k ≥ 1) is at most `edge_max_excess` at `edge_alphas` and peaks at an intermediate α, at least
+    `peak_ratio` times the largest edge excess."""
+
+    finding: Literal["convex_combination"]
+    mixture: str | None = None  # default: the sweep's only pretraining mixture
+    reference: str = "bayes_task"
+    edge_alphas: list[float] = Field(default_factory=lambda: [0.0, 1.0], min_length=1)
+    edge_max_excess: float = Field(0.1, ge=0)
+    peak_ratio: float = Field(2.0, gt=0)
 
 
 def check_convex_combination(frame: pd.DataFrame, c: ConvexCombination) -> CheckResult:
+    import pandas as pd
+
     rows = _mixture_rows(_finished(frame), c.mixture)
     rows = rows[rows["task_family"].astype(str) == "convex"]
     if rows.empty:
@@ -179,11 +253,23 @@ def check_convex_combination(frame: pd.DataFrame, c: ConvexCombination) -> Check
              f"{c.reference} (mean over k >= 1) is small at alpha in {c.edge_alphas} and peaks in between")
     return CheckResult("convex_combination", claim, bool(edges_ok and peak_ok), lines, table)
 
+# ---------------------------------------------------------------- finding 4: frequency extremes
 
-# ---------------------------------------------------------------- finding 4
+
+class FrequencyExtremes(_Check):
+    """Finding 4: pretrained on `mixture`, the model's error (mean over k ≥ 1) on sine tasks at the `extremes`
+    frequencies (default: the lowest and highest test frequency outside the band) is at least `min_ratio`
+    times its mean error on the test frequencies inside the band."""
+
+    finding: Literal["frequency_extremes"]
+    mixture: str
+    extremes: list[float] | None = None
+    min_ratio: float = Field(3.0, gt=0)
 
 
 def check_frequency_extremes(frame: pd.DataFrame, c: FrequencyExtremes) -> CheckResult:
+    import pandas as pd
+
     rows = _mixture_rows(_finished(frame), c.mixture)
     rows = rows[rows["freq"].notna()]
     if rows.empty:
@@ -217,11 +303,24 @@ def check_frequency_extremes(frame: pd.DataFrame, c: FrequencyExtremes) -> Check
              f"extreme frequencies is at least {c.min_ratio:g} x its error inside the band")
     return CheckResult("frequency_extremes", claim, ok, lines, table)
 
-
 # ---------------------------------------------------------------- the coverage map (the quickstart)
 
 
+class Coverage(_Check):
+    """The coverage map shows models that learned: for every pretraining mixture, the model's excess error over
+    `reference` (mean over k >= 1 and seeds) is at most `max_excess` on each eval task inside the mixture's
+    support, and at least `outside_min_excess` on each task in `outside` (tasks outside every mixture)."""
+
+    finding: Literal["coverage"]
+    reference: str = "bayes_task"
+    max_excess: float = Field(0.1, ge=0)
+    outside: list[str] = Field(min_length=1)
+    outside_min_excess: float = Field(0.2, ge=0)
+
+
 def check_coverage(frame: pd.DataFrame, c: Coverage) -> CheckResult:
+    import pandas as pd
+
     rows = _finished(frame)
     _need(rows, c.reference, "checks.reference")
     tasks = [str(t) for t in pd.unique(rows["task"].astype(str))]
@@ -257,6 +356,31 @@ def check_coverage(frame: pd.DataFrame, c: Coverage) -> CheckResult:
     claim = (f"the model's excess over {c.reference} (mean over k >= 1) is <= {c.max_excess:g} on every task "
              f"inside its pretraining support and >= {c.outside_min_excess:g} on {', '.join(c.outside)}")
     return CheckResult("coverage", claim, bool(t["ok"].all()), lines, t)
+
+
+FINDINGS: dict[str, type[_Check]] = {
+    "model_selection": ModelSelection,
+    "interpolation": Interpolation,
+    "convex_combination": ConvexCombination,
+    "frequency_extremes": FrequencyExtremes,
+    "coverage": Coverage,
+}
+Check = ModelSelection | Interpolation | ConvexCombination | FrequencyExtremes | Coverage
+
+
+def validate_checks(data: Any) -> Check | None:
+    """The validated check of a `checks:` mapping (None when empty)."""
+    if not data:
+        return None
+    if not isinstance(data, dict):
+        raise ConfigError("", "must be a mapping with a `finding:` key")
+    finding = data.get("finding")
+    if finding not in FINDINGS:
+        raise ConfigError("finding", f"must be one of {', '.join(FINDINGS)} (got {finding!r})")
+    try:
+        return FINDINGS[finding].model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
 
 
 CHECKS = {

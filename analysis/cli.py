@@ -173,8 +173,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _check_spec(args: argparse.Namespace, tracking_uri: str | None):
     from icl_core.config import read_yaml
-    from sweeps.findings import validate_checks
     from sweeps.spec import validate_sweep
+
+    from .checks import validate_checks
 
     if args.file:
         source, data = args.file, read_yaml(args.file)

@@ -19,11 +19,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
+from analysis.checks import validate_checks
 from icl_core.config import MAX_SEED, RunConfig, config_hash, read_yaml, set_dotted, validate_run_config
 from icl_core.errors import ConfigError, Strict, from_validation_error
 from icl_core.families import build_family
-
-from .findings import validate_checks
 
 MAX_TRIALS = 10_000  # per sweep file, counted before anything is expanded (README, "Limits")
 

@@ -14,10 +14,9 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from analysis.checks import run_check
+from analysis.checks import run_check, validate_checks
 from analysis.load import read_frame
 from iclmix.cli import main
-from sweeps.findings import validate_checks
 from sweeps.spec import load_sweep
 
 FIXTURES = ROOT / "tests" / "fixtures"
