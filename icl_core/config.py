@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, Strict, check_writable_folder, from_validation_error  # noqa: F401 (re-exported)
 from .estimators import ESTIMATORS
-from .families import Family, Mixture, build_family, build_mixture
+from .families import Family, Mixture, build_family, build_mixture, canonical_specs
 
 # Limits with reasons (README, "Limits"): far above any run this project makes, low enough that a typo fails here
 # with its field named rather than late, in an allocation or an overflow.
@@ -184,13 +184,7 @@ class EvalConfig(Strict):
     def _canonical_tasks(cls, v: Any) -> Any:
         if not isinstance(v, list):
             raise ConfigError("", "must be a list of family specs like {family: linear}")
-        out = []
-        for i, spec in enumerate(v):
-            try:
-                out.append(task_family(spec).to_spec())
-            except ConfigError as e:
-                raise e.under(f"[{i}]") from None
-        return out
+        return canonical_specs(v, task_family)
 
     @field_validator("estimators")
     @classmethod

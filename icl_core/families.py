@@ -13,7 +13,7 @@ import json
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -464,6 +464,17 @@ def build_family(spec: Mapping[str, Any]) -> Family:
         if missing and f.name not in kwargs:
             raise ConfigError(f.name, f"required for family {name!r}")
     return cls(**kwargs)
+
+
+def canonical_specs(specs: Iterable[Any], build: Callable[[Any], Family], where: str = "") -> list[Any]:
+    """Each spec built and written back whole (every default filled in); an error names `where[i]`."""
+    out = []
+    for i, spec in enumerate(specs):
+        try:
+            out.append(build(spec).to_spec())
+        except ConfigError as e:
+            raise e.under(f"{where}[{i}]") from None
+    return out
 
 
 def build_mixture(entries: list[Mapping[str, Any]]) -> Mixture:

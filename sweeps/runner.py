@@ -27,7 +27,7 @@ from icl_core.config import ConfigError, check_writable_folder, memory_estimate,
 from . import layout
 from . import tracking as tr
 from .reaper import start_reaper, stop_reaper
-from .spec import SweepSpec, Trial, axis_values, load_sweep, resolve, trial_count
+from .spec import SweepSpec, Trial, axis_values, duration_text, load_sweep, resolve, trial_count, value_label
 
 if TYPE_CHECKING:
     from .trial import TrialPayload
@@ -102,10 +102,10 @@ class Progress:
         elapsed = time.monotonic() - self.start
         parts = [f"[{self.name}] finished {self.done}/{self.total}",
                  f"training {len(training)}" + (f" ({' '.join(f'{p:.0%}' for p in training[:6])})" if training else ""),
-                 f"evaluating {evaluating}", f"failed {self.failed}", f"{_duration(elapsed)} elapsed"]
+                 f"evaluating {evaluating}", f"failed {self.failed}", f"{duration_text(elapsed)} elapsed"]
         eta = self.eta(elapsed)
         if eta is not None and self.done + self.failed < self.total:
-            parts.append(f"ETA {_duration(eta)}")
+            parts.append(f"ETA {duration_text(eta)}")
         if self.best is not None:
             parts.append(f"best eval_loss {self.best:.4g}")
         return " · ".join(parts)
@@ -121,15 +121,6 @@ class Progress:
         if force or now - self.last >= self.every:
             self.last = now
             print(self.line(), flush=True)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _callback(progress: Progress):
@@ -611,18 +602,13 @@ def sweep_params(spec: SweepSpec, trials: list[Trial]) -> dict[str, str]:
     params = {"sweep.trials": str(trial_count(spec, trials)), "sweep.seeds": json.dumps(spec.seeds),
               "sweep.resources.cpu": f"{spec.resources.cpu:g}", "sweep.resources.gpu": f"{spec.resources.gpu:g}"}
     for key in spec.grid:
-        params[f"sweep.grid.{key}"] = json.dumps([_value_label(v) for v in axis_values(key, spec.grid[key])])
+        values = axis_values(key, spec.grid[key])  # a mixture by its id; numbers and names as they are
+        params[f"sweep.grid.{key}"] = json.dumps([value_label(v) if isinstance(v, list) else v for v in values])
     if spec.tune:
         params["sweep.tune"] = json.dumps({"params": list(spec.tune.params), "metric": spec.tune.metric,
                                            "trials_per_cell": spec.tune.trials_per_cell})
     params.update(tr.flatten_config(trials[0].config.to_dict(), "base.") if trials else {})
     return {tr.mlflow_key(k): v[: tr.MAX_PARAM_LEN] for k, v in params.items()}
-
-
-def _value_label(value: Any) -> Any:
-    from .spec import _label
-
-    return _label(value) if isinstance(value, list) else value
 
 
 def _log_sweep_summary(client, ctx: SweepContext, expected: dict[str, str], latest: dict[str, Any],

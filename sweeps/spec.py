@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError, field_validator
 from analysis.checks import validate_checks
 from icl_core.config import MAX_SEED, RunConfig, config_hash, read_yaml, set_dotted, validate_run_config
 from icl_core.errors import ConfigError, Strict, from_validation_error
-from icl_core.families import build_family
+from icl_core.families import build_family, canonical_specs
 
 MAX_TRIALS = 10_000  # per sweep file, counted before anything is expanded (README, "Limits")
 
@@ -126,7 +126,7 @@ class Cell:
 
     @cached_property
     def label(self) -> str:
-        return ", ".join(f"{k}={_label(v)}" for k, v in self.overrides) or "base"
+        return ", ".join(f"{k}={value_label(v)}" for k, v in self.overrides) or "base"
 
     @cached_property
     def short_label(self) -> str:
@@ -137,7 +137,7 @@ class Cell:
             if mixture is not None:
                 parts += [f"{fam.canonical_id}={w:g}" for fam, w in mixture.items()]
             else:
-                parts.append(f"{key.rsplit('.', 1)[-1]}={_label(value)}")
+                parts.append(f"{key.rsplit('.', 1)[-1]}={value_label(value)}")
         return ", ".join(parts) or "base"
 
 
@@ -167,7 +167,8 @@ def _mixture(v: Any) -> Any:
     return None
 
 
-def _label(v: Any) -> str:
+def value_label(v: Any) -> str:
+    """A grid value as labels name it: a mixture by its canonical id, anything else as text."""
     mixture = _mixture(v)
     return mixture.canonical_id if mixture is not None else str(v)
 
@@ -204,12 +205,7 @@ def expand_simplex(spec: Any, where: str) -> list[list[dict[str, Any]]]:
     if simplex_size(len(comps), steps) > MAX_TRIALS:
         raise ConfigError(f"{where}.simplex.steps", f"{simplex_size(len(comps), steps)} mixtures, over the cap of "
                           f"{MAX_TRIALS} trials per sweep: fewer steps or components")
-    specs = []
-    for i, c in enumerate(comps):
-        try:
-            specs.append(build_family(c).to_spec())
-        except ConfigError as e:
-            raise e.under(f"{where}.simplex.components[{i}]") from None
+    specs = canonical_specs(comps, build_family, f"{where}.simplex.components")
     mixtures = []
     for weights in simplex_points(len(specs), steps):
         mixtures.append([{**s, "weight": float(w)} for s, w in zip(specs, weights) if w > 0])
@@ -376,7 +372,7 @@ def _time_estimate(spec: SweepSpec, trials: list[Trial], flops: list[float], cpu
             cpus = local_cpus()
         at_once = max(1, int(cpus // cpu))
         wall = _packed_wall([f / (CPU_CORE_FLOPS * cpu) for f in flops], at_once)
-        return f"estimated wall time on {cpus} CPU cores ({at_once} trial(s) at once): {_duration(wall)}"
+        return f"estimated wall time on {cpus} CPU cores ({at_once} trial(s) at once): {duration_text(wall)}"
     if gpus is None:
         import torch
 
@@ -389,7 +385,7 @@ def _time_estimate(spec: SweepSpec, trials: list[Trial], flops: list[float], cpu
         return line + "; no GPU here: `sweep plan --gpus N` estimates the wall time on N GPUs"
     at_once = max(1, int(gpus // gpu))
     wall = _packed_wall([f / (rate * min(gpu, 1.0)) for f in flops], at_once)
-    return line + f"; estimated wall time on {gpus} GPU(s) ({at_once} trial(s) at once): {_duration(wall)}"
+    return line + f"; estimated wall time on {gpus} GPU(s) ({at_once} trial(s) at once): {duration_text(wall)}"
 
 
 def _packed_wall(seconds: list[float], slots: int) -> float:
@@ -401,7 +397,8 @@ def _packed_wall(seconds: list[float], slots: int) -> float:
     return max(ends) if seconds else 0.0
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """A duration as people read it: 45 s, 14 min, 2.5 h, 3.0 days."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:

@@ -57,13 +57,13 @@ def test_plan_prints_cells_trials_and_compute(tmp_path):
 
 
 def test_plan_estimates_wall_time_for_the_resources_given(tmp_path):
-    from sweeps.spec import CPU_CORE_FLOPS, _duration, flops_per_trial, plan_text
+    from sweeps.spec import CPU_CORE_FLOPS, duration_text, flops_per_trial, plan_text
 
     spec, trials = load_sweep(write(tmp_path, sweep()))  # 20 one-CPU trials
     total = sum(flops_per_trial(t.config) for t in trials)
     one, four = plan_text(spec, trials, cpus=1), plan_text(spec, trials, cpus=4)
     assert "on 1 CPU cores (1 trial(s) at once)" in one and "on 4 CPU cores (4 trial(s) at once)" in four
-    assert one.endswith(": " + _duration(total / CPU_CORE_FLOPS))  # one core trains every trial in turn
+    assert one.endswith(": " + duration_text(total / CPU_CORE_FLOPS))  # one core trains every trial in turn
     gpu_spec, gpu_trials = load_sweep(write(tmp_path, sweep(resources={"cpu": 1, "gpu": 0.25})))
     lines = plan_text(gpu_spec, gpu_trials, gpus=2).splitlines()[-1]
     assert "GPU-hours" in lines and "on 2 GPU(s) (8 trial(s) at once)" in lines
