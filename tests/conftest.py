@@ -24,6 +24,18 @@ torch.set_num_threads(1)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def tiny_config(eval_section: dict | None = None, **train_kw) -> dict:
+    """A run config small enough to train in seconds: d = 5, a 50/50 dense/sparse mixture, 2 x 32 x 2 heads."""
+    cfg = {
+        "seed": 3,
+        "data": {"dim": 5, "n_points": 11, "mixture": [{"family": "linear", "weight": 0.5},
+                                                       {"family": "sparse_linear", "nnz": 1, "weight": 0.5}]},
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
+        "train": {"steps": 300, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 50, **train_kw},
+    }
+    return {**cfg, "eval": eval_section} if eval_section is not None else cfg
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true", OMP_NUM_THREADS="1")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, run_cli, tiny_config
 
 from icl_core.config import ConfigError, validate_run_config
 from icl_core.train import (
@@ -30,14 +30,8 @@ from icl_core.train import (
 
 
 def tiny(**train_kw) -> dict:
-    return {
-        "seed": 3,
-        "data": {"dim": 5, "n_points": 11, "mixture": [{"family": "linear", "weight": 0.5},
-                                                       {"family": "sparse_linear", "nnz": 1, "weight": 0.5}]},
-        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
-        "train": {"steps": 20, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 10, **train_kw},
-        "eval": {"n_prompts": 16, "estimators": ["model", "zero"]},
-    }
+    return tiny_config({"n_prompts": 16, "estimators": ["model", "zero"]}, **{"steps": 20, "checkpoint_every": 10,
+                                                                             **train_kw})
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, run_cli, tiny_config
 
 from icl_core.config import TrainConfig, validate_run_config
 from icl_core.train import CHECKPOINT, METRICS, lr_at, train
 
+tiny = tiny_config
 
-def tiny(**train_kw) -> dict:
-    return {
-        "seed": 3,
-        "data": {"dim": 5, "n_points": 11, "mixture": [{"family": "linear", "weight": 0.5},
-                                                       {"family": "sparse_linear", "nnz": 1, "weight": 0.5}]},
-        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
-        "train": {"steps": 300, "batch_size": 32, "lr": 1e-3, "checkpoint_every": 50, **train_kw},
-    }
+
+def assert_old_configs_keep_their_hashes():
+    """A config that leaves the options added since at their defaults hashes as before they existed."""
+    from icl_core.config import config_hash
+
+    plain = validate_run_config(tiny())
+    legacy = plain.to_dict()
+    for section, key in (("train", "cuda_graph"), ("train", "batch_threads"), ("model", "layout"),
+                         ("train", "decay_steps")):  # added since
+        del legacy[section][key]
+    assert plain.config_hash == config_hash(legacy)
+    return plain
 
 
 def test_lr_schedule_is_a_pure_function_of_the_step():
@@ -158,7 +163,6 @@ def test_sigkill_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, b
 def test_cuda_graph_setting_trains_eagerly_on_cpu_and_keeps_old_hashes(tmp_path):
     # The same sweep file runs on a laptop: train.cuda_graph applies on CUDA only, and a config that leaves it
     # at its default keeps the hash it had before the field existed (finished trials stay finished).
-    from icl_core.config import config_hash
 
     runs = []
     for graph in (False, True):
@@ -166,12 +170,7 @@ def test_cuda_graph_setting_trains_eagerly_on_cpu_and_keeps_old_hashes(tmp_path)
         train(cfg, tmp_path / str(graph), progress=False)
         runs.append([r["loss"] for r in read_metrics(tmp_path / str(graph) / METRICS)])
     assert runs[1] == runs[0]  # bit-identical: the eager step
-    plain = validate_run_config(tiny())
-    legacy = plain.to_dict()
-    for section, key in (("train", "cuda_graph"), ("train", "batch_threads"), ("model", "layout"),
-                         ("train", "decay_steps")):  # added since
-        del legacy[section][key]
-    assert plain.config_hash == config_hash(legacy)
+    plain = assert_old_configs_keep_their_hashes()
     assert validate_run_config(tiny(cuda_graph=True)).config_hash != plain.config_hash
 
 
@@ -186,7 +185,6 @@ def test_cuda_graph_and_compile_are_exclusive(tmp_path):
 def test_batch_threads_train_the_same_model_and_keep_old_hashes(tmp_path):
     # train.batch_threads splits each batch over CPU threads: the same loss and gradients up to float32
     # rounding (shards of 11, 11 and 10 prompts for 3 threads), and configs without it keep their hashes.
-    from icl_core.config import config_hash
 
     losses, states = [], []
     for threads in (1, 2, 3):
@@ -198,12 +196,7 @@ def test_batch_threads_train_the_same_model_and_keep_old_hashes(tmp_path):
         assert len(other) == 30 and other == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
         for name, value in states[0].items():
             torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
-    plain = validate_run_config(tiny())
-    legacy = plain.to_dict()
-    for section, key in (("train", "cuda_graph"), ("train", "batch_threads"), ("model", "layout"),
-                         ("train", "decay_steps")):  # added since
-        del legacy[section][key]
-    assert plain.config_hash == config_hash(legacy)
+    plain = assert_old_configs_keep_their_hashes()
     assert validate_run_config(tiny(batch_threads=2)).config_hash != plain.config_hash
 
 
