@@ -128,6 +128,16 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def interleave(xs: Tensor, ys: Tensor, layout: str) -> Tensor:
+    """(B, n, d), (B, n) -> (B, 2n - 1, token_dim): x1, (y1, 0, ..), x2, ..., xn; with y_channel x_i is (0, x_i)."""
+    if layout == "y_channel":
+        xs = F.pad(xs, (1, 0))
+    B, n, d = xs.shape
+    ys_wide = torch.zeros_like(xs)
+    ys_wide[:, :, 0] = ys
+    return torch.stack((xs, ys_wide), dim=2).reshape(B, 2 * n, d)[:, :-1]
+
+
 class ICLTransformer(nn.Module):
     """GPT-2 decoder with a linear read-in of (x | y) tokens and a scalar read-out at x positions."""
 
@@ -160,20 +170,15 @@ class ICLTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def interleave(self, xs: Tensor, ys: Tensor) -> Tensor:
-        """(B, n, d), (B, n) -> (B, 2n - 1, token_dim): x1, (y1, 0, ..), x2, ..., xn; with y_channel x_i is (0, x_i)."""
-        if self.cfg.layout == "y_channel":
-            xs = F.pad(xs, (1, 0))
-        B, n, d = xs.shape
-        ys_wide = torch.zeros_like(xs)
-        ys_wide[:, :, 0] = ys
-        return torch.stack((xs, ys_wide), dim=2).reshape(B, 2 * n, d)[:, :-1]
+        """(B, n, d), (B, n) -> (B, 2n - 1, token_dim): the prompt's tokens in this model's layout."""
+        return interleave(xs, ys, self.cfg.layout)
 
     def forward(self, xs: Tensor, ys: Tensor) -> Tensor:
         """Predictions (B, n): entry i uses x_1, y_1, ..., x_i only."""
         n = xs.shape[1]
         if n > self.cfg.max_points:
             raise ValueError(f"prompt of {n} points exceeds the model's max_points={self.cfg.max_points}")
-        tokens = self.interleave(xs, ys)
+        tokens = interleave(xs, ys, self.cfg.layout)
         pos = torch.arange(tokens.shape[1], device=xs.device)
         h = self.read_in(tokens) + self.wpe(pos)
         for i, block in enumerate(self.blocks):
@@ -206,3 +211,89 @@ def step_flops(cfg: ModelConfig, n_points: int, batch_size: int) -> float:
     linear = (L - 1) * 12 * C * C * T + 3 * C * C * T + 9 * C * C * n + cfg.token_dim * C * T + C * n
     attention = (L - 1) * 2 * T * T * C + 2 * n * T * C
     return 3.0 * (2 * linear + attention) * batch_size
+
+
+class BundledTransformer(nn.Module):
+    """K ICLTransformers of one config as one model: each parameter stacked on a leading member axis.
+
+    The same function as each member alone, computed for all at once: every linear layer is one batched matmul
+    over the members and attention runs over the merged member x batch axis, so K members cost about the kernels
+    of one. Member k's weights are `stacked(name)[k]` for each name of ICLTransformer's state dict.
+    """
+
+    def __init__(self, members: list[ICLTransformer]):
+        super().__init__()
+        self.cfg = members[0].cfg
+        if any(m.cfg != self.cfg for m in members):
+            raise ValueError("the members of a bundle share one model config")
+        self.size = len(members)
+        states = [m.state_dict() for m in members]
+        self.names = list(states[0])
+        for name in self.names:
+            self.register_parameter(_slot(name), nn.Parameter(torch.stack([s[name].detach() for s in states])))
+
+    def stacked(self, name: str) -> nn.Parameter:
+        """The member-stacked tensor of ICLTransformer's parameter `name`."""
+        return getattr(self, _slot(name))
+
+    def member_state(self, k: int) -> dict[str, Tensor]:
+        """Member k's weights as ICLTransformer's state dict."""
+        return {name: self.stacked(name)[k].detach().clone() for name in self.names}
+
+    @torch.no_grad()
+    def load_member(self, k: int, state: dict[str, Tensor]) -> None:
+        for name in self.names:
+            self.stacked(name)[k].copy_(state[name])
+
+    def forward(self, xs: Tensor, ys: Tensor) -> Tensor:
+        """(K, B, n, d), (K, B, n) -> predictions (K, B, n), member k's from member k's prompts and weights."""
+        K, B, n = ys.shape
+        if K != self.size:
+            raise ValueError(f"{K} prompt sets for a bundle of {self.size}")
+        if n > self.cfg.max_points:
+            raise ValueError(f"prompt of {n} points exceeds the model's max_points={self.cfg.max_points}")
+        w = self.stacked
+        tokens = interleave(xs.flatten(0, 1), ys.flatten(0, 1), self.cfg.layout)
+        T = tokens.shape[1]
+        h = _linear(tokens.reshape(K, B, T, -1), w("read_in.weight"), w("read_in.bias")) + w("wpe.weight")[:, None, :T]
+        for i in range(self.cfg.n_layer):
+            b = f"blocks.{i}."
+            x_only = i == self.cfg.n_layer - 1  # only x positions are read out
+            a = self._attention(_layer_norm(h, w(b + "ln_1.weight"), w(b + "ln_1.bias")), b + "attn.", x_only)
+            h = (h[:, :, ::2] if x_only else h) + a
+            m = _linear(_layer_norm(h, w(b + "ln_2.weight"), w(b + "ln_2.bias")), w(b + "mlp.c_fc.weight"),
+                        w(b + "mlp.c_fc.bias"))
+            h = h + _linear(gelu_tanh(m), w(b + "mlp.c_proj.weight"), w(b + "mlp.c_proj.bias"))
+        h = _layer_norm(h, w("ln_f.weight"), w("ln_f.bias"))
+        return _linear(h, w("read_out.weight"), w("read_out.bias")).squeeze(-1)
+
+    def _attention(self, x: Tensor, prefix: str, x_only: bool) -> Tensor:
+        """CausalSelfAttention.forward for every member, (K, B, T, C) -> (K, B, T or x positions, C)."""
+        K, B, T, C = x.shape
+        H = self.cfg.n_head
+        q, k, v = _linear(x, self.stacked(prefix + "c_attn.weight"), self.stacked(prefix + "c_attn.bias")).split(C, -1)
+        mask = None
+        if x_only:
+            q = q[:, :, ::2]
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[::2]
+        q, k, v = (t.reshape(K * B, t.shape[2], H, C // H).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = y.transpose(1, 2).reshape(K, B, q.shape[2], C)
+        return _linear(y, self.stacked(prefix + "c_proj.weight"), self.stacked(prefix + "c_proj.bias"))
+
+
+def _slot(name: str) -> str:
+    return name.replace(".", "__")  # module attribute names cannot hold dots
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Member-wise nn.Linear: x (K, ..., in), weight (K, out, in), bias (K, out) -> (K, ..., out)."""
+    K, *rest, n_in = x.shape
+    out = torch.baddbmm(bias.unsqueeze(1), x.reshape(K, -1, n_in), weight.transpose(1, 2))
+    return out.view(K, *rest, weight.shape[1])
+
+
+def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Member-wise nn.LayerNorm over the last axis: x (K, B, T, C), weight and bias (K, C)."""
+    y = F.layer_norm(x, x.shape[-1:], eps=1e-5)
+    return torch.addcmul(bias[:, None, None], y, weight[:, None, None])

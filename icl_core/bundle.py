@@ -1,0 +1,264 @@
+"""Many runs in one model: K run configs of one model shape trained together as a BundledTransformer.
+
+Each member keeps what a solo run has: its seeded initial weights, its own data stream (mixture, generator,
+noise), its own lr schedule and gradient clipping, and its own run directory with config.yaml, metrics.csv and a
+checkpoint in the solo format (`load_model`, evaluation and a solo `--resume` read it like any run's). A member
+trained in a bundle equals the same config trained alone up to float rounding. A member whose loss turns
+non-finite is frozen (its weights and optimizer state stop changing, it writes nothing more) and reported; the
+others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import ConfigError, RunConfig, config_hash, dump_yaml
+from .errors import NonFiniteLossError
+from .families import sample_prompts
+from .model import BundledTransformer
+from .train import (
+    CHECKPOINT,
+    CONFIG,
+    METRIC_FIELDS,
+    METRICS,
+    TrainCallback,
+    TrainResult,
+    _progress_bar,
+    _resume,
+    _save,
+    _truncate_metrics,
+    _write_error,
+    atomic_write_text,
+    build_model,
+    build_optimizer,
+    data_generator,
+    lr_at,
+    model_config,
+    resolve_device,
+)
+
+# What the members of one bundle share; everything else (seed, mixture, noise, lr schedule, clipping) is theirs.
+SHARED_TRAIN = ("steps", "batch_size", "weight_decay", "betas", "checkpoint_every", "log_every", "device")
+SHARED_DATA = ("dim", "n_points", "curriculum")
+
+
+def bundle_key(cfg: RunConfig) -> str:
+    """Runs with equal keys can train as one bundle: the same model, prompt shapes at every step and step count."""
+    data, train = cfg.to_dict()["data"], cfg.to_dict()["train"]
+    return config_hash({
+        "model": model_config(cfg).to_dict(),
+        "data": {k: data[k] for k in SHARED_DATA},
+        "train": {k: train[k] for k in SHARED_TRAIN},
+    })
+
+
+class StackedAdamW:
+    """torch's AdamW update on member-stacked parameters, with a learning rate per member and frozen members.
+
+    Decoupled weight decay applies to matrices only, as `build_optimizer` does for a solo run."""
+
+    def __init__(self, model: BundledTransformer, weight_decay: float, betas: tuple[float, float], eps: float = 1e-8):
+        self.model, self.weight_decay, self.betas, self.eps = model, weight_decay, betas, eps
+        self.exp_avg = {n: torch.zeros_like(model.stacked(n)) for n in model.names}
+        self.exp_avg_sq = {n: torch.zeros_like(model.stacked(n)) for n in model.names}
+        self.steps = torch.zeros(model.size, device=model.stacked(model.names[0]).device)
+
+    @torch.no_grad()
+    def step(self, lr: Tensor, active: Tensor) -> None:
+        """One update of every active member; `lr` and `active` have one entry per member."""
+        b1, b2 = self.betas
+        self.steps += active
+        t = self.steps.clamp(min=1.0)
+        step_size = lr / (1 - b1**t)
+        bias2_sqrt = (1 - b2**t).sqrt()
+        for name in self.model.names:
+            p, m, v = self.model.stacked(name), self.exp_avg[name], self.exp_avg_sq[name]
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            on = active.view(shape)
+            g = p.grad
+            m.copy_(torch.where(on, torch.lerp(m, g, 1 - b1), m))
+            v.copy_(torch.where(on, v * b2 + (1 - b2) * g * g, v))
+            update = m / (v.sqrt() / bias2_sqrt.view(shape) + self.eps) * step_size.view(shape)
+            if self.weight_decay and p.dim() >= 3:  # a matrix of each member
+                update = update + p * (lr * self.weight_decay).view(shape)
+            p.sub_(torch.where(on, update, torch.zeros((), device=p.device)))
+
+    def member_state(self, k: int) -> dict[str, tuple[int, Tensor, Tensor]]:
+        """Member k's (step, exp_avg, exp_avg_sq) per parameter name."""
+        s = int(self.steps[k])
+        return {n: (s, self.exp_avg[n][k].clone(), self.exp_avg_sq[n][k].clone()) for n in self.model.names}
+
+    @torch.no_grad()
+    def load_member(self, k: int, state: dict[str, tuple[int, Tensor, Tensor]]) -> None:
+        for n, (s, m, v) in state.items():
+            self.steps[k] = s
+            self.exp_avg[n][k].copy_(m)
+            self.exp_avg_sq[n][k].copy_(v)
+
+
+@torch.no_grad()
+def clip_per_member(model: BundledTransformer, max_norm: Tensor) -> None:
+    """clip_grad_norm_ for each member over its own gradients; a max_norm of 0 leaves that member unclipped."""
+    sq = sum(model.stacked(n).grad.square().flatten(1).sum(1) for n in model.names)
+    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    coef = torch.where(max_norm > 0, coef, torch.ones_like(coef))
+    for n in model.names:
+        g = model.stacked(n).grad
+        g.mul_(coef.view((-1,) + (1,) * (g.dim() - 1)))
+
+
+def _solo_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, tuple]:
+    """A solo run's Adam state by parameter name (step 0 and zeros where it has none yet)."""
+    out = {}
+    for name, p in model.named_parameters():
+        st = optimizer.state.get(p, {})
+        out[name] = (int(st["step"]) if "step" in st else 0,
+                     st.get("exp_avg", torch.zeros_like(p)), st.get("exp_avg_sq", torch.zeros_like(p)))
+    return out
+
+
+def _set_solo_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                              state: dict[str, tuple]) -> None:
+    for name, p in model.named_parameters():
+        s, m, v = state[name]
+        optimizer.state[p] = {"step": torch.tensor(float(s), device=p.device), "exp_avg": m, "exp_avg_sq": v}
+
+
+def train_bundle(
+    cfgs: Sequence[RunConfig],
+    out_dirs: Sequence[str | Path],
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Sequence[TrainCallback]] | None = None,
+    progress: bool = True,
+    extras: Sequence[dict[str, Any]] | None = None,
+) -> list[TrainResult | NonFiniteLossError]:
+    """Train `cfgs` as one bundle, member k into `out_dirs[k]`; per member its TrainResult, or the
+    NonFiniteLossError that froze it. Members resumed from their checkpoints must stand at one step."""
+    K = len(cfgs)
+    if K == 0 or len(out_dirs) != K:
+        raise ValueError("a bundle needs one output directory per config, and at least one config")
+    if len({bundle_key(c) for c in cfgs}) > 1:
+        raise ConfigError("bundle", f"its members differ in model, data.{'/'.join(SHARED_DATA)} or "
+                                    f"train.{'/'.join(SHARED_TRAIN)}; only runs of one shape train as one bundle")
+    callbacks = callbacks or [() for _ in cfgs]
+    extras = [dict(e) for e in (extras or [{} for _ in cfgs])]
+    outs = [Path(o) for o in out_dirs]
+    tc = cfgs[0].train  # its shared fields are every member's
+    device = resolve_device(tc.device)
+
+    members = [build_model(c).to(device) for c in cfgs]
+    optimizers = [build_optimizer(m, c.train, device) for m, c in zip(members, cfgs, strict=True)]
+    gens = [data_generator(c.seed, device) for c in cfgs]
+    starts, lasts = [0] * K, [{} for _ in cfgs]
+    for k, (cfg, out) in enumerate(zip(cfgs, outs, strict=True)):
+        path = out / CHECKPOINT
+        if path.exists() and not resume:
+            raise ConfigError("--out", f"{out} already holds a run; pass --resume to continue it or pick a new dir")
+        if path.exists():
+            starts[k], saved, lasts[k] = _resume(path, cfg, members[k], optimizers[k], gens[k], device, False)
+            extras[k] = {**saved, **extras[k]}
+    if len(set(starts)) > 1:
+        raise ConfigError("--resume", f"bundle members checkpointed at different steps {starts}; "
+                                      "resume them in bundles of one step each")
+    for cfg, out in zip(cfgs, outs, strict=True):
+        out.mkdir(parents=True, exist_ok=True)
+        with _write_error("--out", out / CONFIG):
+            atomic_write_text(out / CONFIG, dump_yaml(cfg))
+        _truncate_metrics(out / METRICS, starts[0])
+
+    model = BundledTransformer(members)
+    optimizer = StackedAdamW(model, tc.weight_decay, tc.betas)
+    for k in range(K):
+        optimizer.load_member(k, _solo_optimizer_state(optimizers[k], members[k]))
+    families = [c.data.family for c in cfgs]
+    clip = torch.tensor([c.train.grad_clip for c in cfgs], device=device)
+    active = torch.ones(K, dtype=torch.bool, device=device)
+    first_bad = torch.zeros(K, dtype=torch.long, device=device)
+    bad_loss = torch.zeros(K, device=device)
+    errors: dict[int, NonFiniteLossError] = {}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    step = starts[0]
+    start = time.perf_counter()
+    bar = _progress_bar(tc.steps, step, progress)
+    data = cfgs[0].data
+    with contextlib.ExitStack() as files:
+        handles = [files.enter_context(open(o / METRICS, "a", newline="")) for o in outs]
+        writers = [csv.DictWriter(h, fieldnames=METRIC_FIELDS) for h in handles]
+        while step < tc.steps and len(errors) < K:
+            lr = [lr_at(step, c.train) for c in cfgs]
+            n_dims, n_points = data.dims_at(step), data.points_at(step)
+            prompts = [sample_prompts(f, tc.batch_size, n_points, data.dim, g, c.data.noise_std, n_dims)
+                       for f, g, c in zip(families, gens, cfgs, strict=True)]
+            xs, ys = torch.stack([p[0] for p in prompts]), torch.stack([p[1] for p in prompts])
+            with autocast:
+                pred = model(xs, ys)
+            losses = (pred.float() - ys).square().mean(dim=(1, 2))
+            model.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            finite = torch.isfinite(losses.detach())
+            first_bad = torch.where(active & ~finite, step + 1, first_bad)
+            bad_loss = torch.where(active & ~finite, losses.detach(), bad_loss)
+            active &= finite
+            clip_per_member(model, clip)
+            optimizer.step(torch.tensor(lr, device=device), active)
+            step += 1
+
+            log_now = step % tc.log_every == 0 or step == 1 or step == tc.steps
+            save_now = step % tc.checkpoint_every == 0 or step == tc.steps
+            if log_now or save_now:
+                for k in torch.nonzero(first_bad).flatten().tolist():
+                    errors.setdefault(k, NonFiniteLossError(int(first_bad[k]), float(bad_loss[k])))
+            if log_now:
+                values = losses.tolist()
+                for k in range(K):
+                    if k in errors:
+                        continue
+                    lasts[k] = {"loss": values[k], "lr": lr[k], "n_dims": n_dims, "n_points": n_points}
+                    writers[k].writerow({"step": step, **lasts[k], "time_s": round(time.perf_counter() - start, 3)})
+                    handles[k].flush()
+                    for cb in callbacks[k]:
+                        cb.on_log(step, lasts[k])
+                if bar is not None:
+                    bar.set_postfix(loss=f"{sum(values) / K:.4f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if save_now:
+                for k in range(K):
+                    if k not in errors:
+                        os.fsync(handles[k].fileno())  # rows up to the checkpoint must survive a kill
+                        _save_member(model, optimizer, k, members[k], optimizers[k], gens[k], step, cfgs[k],
+                                     outs[k], extras[k], lasts[k], callbacks[k])
+    if bar is not None:
+        bar.close()
+    results: list[TrainResult | NonFiniteLossError] = []
+    for k in range(K):
+        if k in errors:
+            results.append(errors[k])
+            continue
+        members[k].load_state_dict(model.member_state(k))
+        results.append(TrainResult(members[k], cfgs[k], outs[k], step, lasts[k].get("loss", float("nan")), extras[k]))
+    return results
+
+
+def _save_member(model: BundledTransformer, optimizer: StackedAdamW, k: int, solo: torch.nn.Module,
+                 solo_optimizer: torch.optim.Optimizer, gen: torch.Generator, step: int, cfg: RunConfig, out: Path,
+                 extra: dict[str, Any], last: dict[str, float], callbacks: Sequence[TrainCallback]) -> None:
+    """Member k's checkpoint in the solo format: its weights, its Adam state, its data generator."""
+    solo.load_state_dict(model.member_state(k))
+    _set_solo_optimizer_state(solo_optimizer, solo, optimizer.member_state(k))
+    path = out / CHECKPOINT
+    with _write_error("checkpoint", path):
+        _save(out, solo, solo_optimizer, gen, step, cfg, extra, last)
+    for cb in callbacks:
+        cb.on_checkpoint(step, path, last)
