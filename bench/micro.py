@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -67,10 +65,6 @@ def gelu(reps: int) -> dict:
         "sigmoid form, SigmoidGELU (ours on CPU)": SigmoidGELU.apply,
         "tanh, torch.compile": compiled,
     }
-    if shutil.which(os.environ.get("CXX", "g++")):
-        from .cpu_attention import gelu as gelu_kernel
-
-        variants["tanh, one-pass C++ kernel (lever)"] = lambda t: gelu_kernel(t)[0]
     # the MLP hidden width at small and paper size
     return {f"{BT}x{width}": gelu_row(width, variants, reps) for width in (256, 1024)}
 
@@ -129,24 +123,7 @@ def attention_row(heads: int, hd: int, reps: int) -> dict:
         "custom bmm Function": ms(run(lambda: BmmAttention.apply(*flat, bias).view(B, heads, T, hd)), reps),
         "flash forward only": ms(flash_forward, reps),
     }
-    row.update(kernel_row(B, heads, T, hd, reps))
     return row
-
-
-def kernel_row(B: int, heads: int, T: int, hd: int, reps: int) -> dict:
-    """The hand-written kernel (bench/cpu_attention.py) on the fused (B, T, 3C) q/k/v it reads in the model."""
-    from .cpu_attention import causal_attention
-
-    qkv = torch.randn(B, T, 3 * heads * hd, requires_grad=True)
-    g = torch.randn(B, T, heads * hd)
-
-    def fwd_bwd():
-        qkv.grad = None
-        causal_attention(qkv, heads, 1)[0].backward(g)
-
-    with torch.no_grad():
-        fwd = ms(lambda: causal_attention(qkv, heads, 1), reps)
-    return {"hand-written kernel, fwd+bwd ms": ms(fwd_bwd, reps), "hand-written kernel forward only": fwd}
 
 
 def attention(reps: int) -> dict:
@@ -290,7 +267,7 @@ def attention_compiled_row(B: int, heads: int, hd: int, reps: int) -> dict:
 
 
 def attention_compiled(reps: int) -> dict:
-    """Can inductor stand in for the C++ attention kernel? Forward + backward on one `batch_threads: 2` shard
+    """Can inductor beat SDPA in pure PyTorch? Forward + backward on one `batch_threads: 2` shard
     (32 prompts, T = 81), from the fused q/k/v to the (B, T, C) output: SDPA against the attention written out
     and compiled, and whether FlexAttention trains on CPU at all."""
     out: dict = {f"B=32 H={h} T=81 hd={hd}, fwd+bwd ms": attention_compiled_row(32, h, hd, reps)

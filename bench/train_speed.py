@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
 import platform
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -144,14 +142,9 @@ class FullLastLayer(ICLTransformer):
         return self.read_out(self.ln_f(h[:, ::2])).squeeze(-1)
 
 
-def build_model(cfg: ModelConfig, full_last_layer: bool = False, attention: str = "sdpa",
-                gelu: str | None = None) -> ICLTransformer:
-    """A fresh model with the kernel levers applied (module level, so shard processes can rebuild it)."""
+def build_model(cfg: ModelConfig, full_last_layer: bool = False, gelu: str | None = None) -> ICLTransformer:
+    """A fresh model with the model levers applied (`full_last_layer`, `gelu`)."""
     model = (FullLastLayer if full_last_layer else ICLTransformer)(cfg)
-    if attention == "kernel" or gelu == "kernel":
-        from .cpu_attention import use_kernel
-
-        use_kernel(model, attention=attention == "kernel", mlp=gelu == "kernel")
     if gelu in ("erf", "aten"):
         approximate = "none" if gelu == "erf" else "tanh"
         for block in model.blocks:
@@ -169,9 +162,7 @@ def ours(
     data: str = "fresh",
     gelu: str | None = None,
     full_last_layer: bool = False,
-    attention: str = "sdpa",
     batch_threads: int = 1,
-    batch_processes: int = 1,
     seed: int = 0,
 ) -> Callable[[], float]:
     """Our training step: ICLTransformer + build_optimizer (fused AdamW) + clip 1.0, as in train().
@@ -179,33 +170,18 @@ def ours(
     Levers: `compile` (torch.compile the model), `optimizer` ("default", or Adam with "foreach", "fused" or
     "loop"), `grad_clip` (None = TrainConfig's default), `data` ("fresh" or "preallocated"), `gelu` (None = the
     model's; "erf" = exact GELU, an experiment: not GPT-2's function; "aten" = ATen's tanh-GELU kernel, the CPU default
-    before SigmoidGELU; "kernel" = bench/cpu_attention.py's one-pass C++ GELU, the same function),
-    `full_last_layer` (see FullLastLayer),
-    `attention` ("sdpa", or "kernel": bench/cpu_attention.py's hand-written kernel), `batch_threads`
-    (`train.batch_threads`: the batch split over this many single-threaded threads, icl_core.threaded_step),
-    `batch_processes` (the same split over processes, bench/process_step.py; with `compile`, each compiles).
+    before SigmoidGELU), `full_last_layer` (see FullLastLayer), `batch_threads` (`train.batch_threads`: the batch
+    split over this many single-threaded threads, icl_core.threaded_step).
     """
     tc = TrainConfig()
     torch.manual_seed(seed)
-    model = build_model(cfg, full_last_layer, attention, gelu)
+    model = build_model(cfg, full_last_layer, gelu)
     if optimizer == "default":
         opt = build_optimizer(model, tc, torch.device("cpu"))
     else:
         impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}[optimizer]
         opt = torch.optim.Adam(model.parameters(), lr=tc.lr, **impl)
     draw = preallocated_prompts(seed) if data == "preallocated" else fresh_prompts(seed)
-    if batch_processes > 1:
-        from .process_step import ProcessStep
-
-        build = functools.partial(build_model, cfg, full_last_layer, attention, gelu)
-        processes = ProcessStep(model, opt, tc.grad_clip if grad_clip is None else grad_clip, batch_processes,
-                                build, BATCH, POINTS, DIM, compile=compile)
-
-        def step() -> float:
-            with single_threaded_ops():
-                return processes(*draw()).item()
-
-        return step
     if batch_threads > 1:
         threaded = ThreadedStep(model, opt, tc.grad_clip if grad_clip is None else grad_clip, batch_threads)
 
@@ -404,28 +380,11 @@ LEVERS: dict[str, dict] = {
     "compile": {"compile": True},
     "erf_gelu": {"gelu": "erf"},
     "full_last_layer": {"full_last_layer": True},
-    "attention_kernel": {"attention": "kernel"},
-    "compile_attention_kernel": {"compile": True, "attention": "kernel"},
     "batch_threads_2": {"batch_threads": 2},
     "aten_gelu": {"gelu": "aten"},
     "batch_threads_2_aten_gelu": {"batch_threads": 2, "gelu": "aten"},
     "batch_threads_2_foreach_adam": {"batch_threads": 2, "optimizer": "foreach"},
-    "batch_threads_2_attention_kernel": {"batch_threads": 2, "attention": "kernel"},
-    "gelu_kernel": {"gelu": "kernel"},
-    "attention_gelu_kernels": {"attention": "kernel", "gelu": "kernel"},
-    "batch_threads_2_attention_gelu_kernels": {"batch_threads": 2, "attention": "kernel", "gelu": "kernel"},
-    "batch_processes_2": {"batch_processes": 2},
-    "batch_processes_2_compiled": {"batch_processes": 2, "compile": True},
-    "compile_attention_gelu_kernels": {"compile": True, "attention": "kernel", "gelu": "kernel"},
-    "batch_processes_2_compiled_kernels": {"batch_processes": 2, "compile": True, "attention": "kernel",
-                                           "gelu": "kernel"},
 }
-
-
-def available_levers() -> list[str]:
-    """Every lever this machine can run: the kernel levers (attention, GELU) need a C++ compiler to build them."""
-    has_cxx = shutil.which(os.environ.get("CXX", "g++")) is not None
-    return [n for n, opts in LEVERS.items() if has_cxx or "kernel" not in (opts.get("attention"), opts.get("gelu"))]
 # Thread count is not a lever to switch inside one process (libgomp's spinning workers and the pool resize
 # make a 2-thread contender there slower than in its own process): compare `--threads 1` and `--threads 2` runs.
 
@@ -602,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.solo:
         results = [solo(s, a.solo, a.rounds, a.steps) for s in a.sizes]
     elif a.levers is not None:
-        names = a.levers or available_levers()
+        names = a.levers or list(LEVERS)
         results = [levers(s, names, a.rounds, a.steps) for s in a.sizes]
     else:
         results = [compare_size(s, a.rounds, a.steps, a.eager, a.compiled) for s in a.sizes]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -178,88 +177,6 @@ def test_gemm_floor_replays_the_matrix_multiplies_of_our_step():
     floor.step()  # replays on random data of the same layouts
 
 
-def _with_kernel_twin(cfg: ModelConfig, mlp: bool = False) -> tuple[ICLTransformer, ICLTransformer]:
-    """A model and a copy of it (same weights) whose attention (and, with `mlp`, GELU) is the kernel lever."""
-    from bench.cpu_attention import use_kernel
-
-    ours, lever = ICLTransformer(cfg), ICLTransformer(cfg)
-    lever.load_state_dict(ours.state_dict())
-    return ours, use_kernel(lever, mlp=mlp)
-
-
-def _assert_same_gradients(ours: ICLTransformer, lever: ICLTransformer) -> None:
-    for (name, p), q in zip(ours.named_parameters(), lever.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
-
-
-@pytest.mark.skipif(shutil.which("g++") is None, reason="the attention kernel is built with g++")
-@pytest.mark.parametrize("n_head", [2, 1])  # heads of 16 and 32 dims
-def test_attention_kernel_lever_matches_sdpa_forward_and_backward(n_head):
-    import torch.nn.functional as F
-
-    from bench.cpu_attention import causal_attention
-
-    cfg = ModelConfig(dim=5, max_points=11, n_layer=2, n_head=n_head, n_embd=32)
-    torch.manual_seed(0)
-    # The op itself against SDPA, queries at every position.
-    qkv = torch.randn(3, 21, 96)
-    y, _ = causal_attention(qkv, n_head, 1)
-    q, k, v = (t.reshape(3, 21, n_head, 32 // n_head).transpose(1, 2) for t in qkv.split(32, dim=2))
-    want = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(3, 21, 32)
-    assert torch.allclose(y, want, atol=1e-6)
-    ours, lever = _with_kernel_twin(cfg)
-    xs, ys = torch.randn(6, 11, 5), torch.randn(6, 11)
-    losses = []
-    for model in (ours, lever):
-        loss = (model(xs, ys) - ys).square().mean()
-        loss.backward()
-        losses.append(loss.item())
-    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
-    _assert_same_gradients(ours, lever)
-    # Both attention modes (every position; x positions only in the last block) and a shorter prompt.
-    assert torch.allclose(lever.predict(xs[:, :4], ys[:, :4]), ours.predict(xs[:, :4], ys[:, :4]), atol=1e-6)
-
-
-@pytest.mark.skipif(shutil.which("g++") is None, reason="the attention kernel is built with g++")
-@pytest.mark.parametrize("mlp", [False, True])
-def test_attention_kernel_lever_gives_sdpa_gradients_on_two_shard_threads(mlp):
-    """`batch_threads_2_attention_kernel` (and `..._attention_gelu_kernels`): the kernels run on both shard threads at
-    once, with SDPA's (and SigmoidGELU's) gradients."""
-    from icl_core.threaded_step import ThreadedStep, single_threaded_ops
-
-    torch.manual_seed(0)
-    sdpa, kernel = _with_kernel_twin(ModelConfig(dim=5, max_points=11, n_layer=2, n_head=2, n_embd=32), mlp)
-    xs, ys = torch.randn(8, 11, 5), torch.randn(8, 11)
-    losses = []
-    for model in (sdpa, kernel):
-        step = ThreadedStep(model, torch.optim.SGD(model.parameters(), lr=0.0), grad_clip=0.0, threads=2)
-        with single_threaded_ops():
-            losses.append(step(xs, ys, 0.0).item())
-        step.close()
-    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
-    _assert_same_gradients(sdpa, kernel)
-
-
-@pytest.mark.skipif(shutil.which("g++") is None, reason="the GELU kernel is built with g++")
-@pytest.mark.parametrize("n", [1, 7, 8, 17, 4099])  # whole vectors and tails, for 8- and 16-float vectors
-def test_gelu_kernel_is_gpt2_tanh_gelu_forward_and_backward(n):
-    import torch.nn.functional as F
-
-    from bench.cpu_attention import gelu
-
-    x = torch.randn(n, dtype=torch.float64) * 4
-    x[: min(n, 5)] = torch.tensor([0.0, 30.0, -30.0, 1e20, -1e20])[: min(n, 5)]  # s exactly 0 or 1; huge x^3
-    g = torch.randn(n, dtype=torch.float64)
-    x32, x64 = x.float().requires_grad_(), x.clone().requires_grad_()
-    y, _ = gelu(x32)
-    want = F.gelu(x64, approximate="tanh")
-    assert torch.allclose(y.double(), want, atol=2e-6, rtol=1e-6)
-    y.backward(g.float())
-    want.backward(g)
-    assert torch.isfinite(x32.grad).all()
-    assert torch.allclose(x32.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("bounds", [(0, 21), (0, 11, 21), (0, 7, 14, 21)])
 def test_chunked_attention_experiment_is_causal_attention_forward_and_backward(bounds):
     """The query-chunk attention timed in `bench.micro --parts attention_chunks_ms` computes what SDPA does."""
@@ -293,6 +210,7 @@ def test_written_out_attention_experiment_is_causal_attention_forward_and_backwa
     torch.testing.assert_close(torch.autograd.grad(got, qkv, g)[0], torch.autograd.grad(want, qkv, g)[0],
                                atol=1e-12, rtol=1e-10)
 
+
 def test_solo_runs_each_contender_in_its_own_process_at_its_thread_count():
     pytest.importorskip("transformers")
     from bench import train_speed
@@ -313,80 +231,3 @@ def test_solo_runs_each_contender_in_its_own_process_at_its_thread_count():
     assert "vs best HF" in train_speed.format_table([res], "wall")
     with pytest.raises(argparse.ArgumentTypeError):
         train_speed.solo_spec("hf_gpt2@two")
-
-
-def test_process_shard_lever_trains_bit_identically_to_shard_threads():
-    """The batch_processes lever's step is ThreadedStep's computation: after steps of changing prompt shapes,
-    including a batch with an empty shard, the two give the same losses and weights, bit for bit."""
-    import functools
-
-    from bench.process_step import ProcessStep
-    from icl_core.config import TrainConfig
-    from icl_core.families import Linear, sample_prompts
-    from icl_core.threaded_step import ThreadedStep, single_threaded_ops
-    from icl_core.train import build_optimizer
-
-    cfg, tc = ModelConfig(dim=5, max_points=11, n_layer=2, n_head=2, n_embd=16), TrainConfig()
-    torch.manual_seed(0)
-    threads, processes = ICLTransformer(cfg), ICLTransformer(cfg)
-    processes.load_state_dict(threads.state_dict())
-    before = threads.read_in.weight.detach().clone()
-    opt_t, opt_p = (build_optimizer(m, tc, torch.device("cpu")) for m in (threads, processes))
-    by_threads = ThreadedStep(threads, opt_t, 1.0, 3)
-    by_processes = ProcessStep(processes, opt_p, 1.0, 3, functools.partial(ICLTransformer, cfg), 9, 11, 5)
-    gen = torch.Generator().manual_seed(1)
-    try:
-        with single_threaded_ops():
-            for batch, points in [(9, 11), (9, 7), (8, 11), (2, 5), (9, 11)]:
-                xs, ys = sample_prompts(Linear(), batch, points, 5, gen)
-                assert by_threads(xs, ys, tc.lr).item() == by_processes(xs, ys).item()
-        for (name, p), q in zip(threads.named_parameters(), processes.parameters()):
-            assert torch.equal(p, q), name
-        assert not torch.equal(threads.read_in.weight, before)  # the steps trained
-        # A shard process that dies fails the next step instead of hanging it.
-        by_processes.procs[0].kill()
-        by_processes.procs[0].join()
-        with single_threaded_ops(), pytest.raises(RuntimeError, match="shard process"):
-            by_processes(xs, ys)
-    finally:
-        by_threads.close()
-        by_processes.close()
-
-
-@pytest.mark.skipif(shutil.which("g++") is None, reason="the kernels are built with g++")
-def test_process_shard_lever_runs_the_kernel_levers_in_its_shard_processes():
-    """The shard processes rebuild the model through bench.train_speed.build_model, kernels included: the step
-    equals the two-thread step with both kernels bit for bit, which it would not if a shard ran SDPA."""
-    import functools
-
-    from bench.process_step import ProcessStep
-    from bench.train_speed import build_model
-    from icl_core.config import TrainConfig
-    from icl_core.families import Linear, sample_prompts
-    from icl_core.threaded_step import ThreadedStep, single_threaded_ops
-    from icl_core.train import build_optimizer
-
-    cfg, tc = ModelConfig(dim=5, max_points=11, n_layer=2, n_head=2, n_embd=32), TrainConfig()
-    build = functools.partial(build_model, cfg, False, "kernel", "kernel")
-    torch.manual_seed(0)
-    threads, processes, sdpa = build(), build(), ICLTransformer(cfg)
-    processes.load_state_dict(threads.state_dict())
-    sdpa.load_state_dict(threads.state_dict())
-    opts = [build_optimizer(m, tc, torch.device("cpu")) for m in (threads, processes, sdpa)]
-    by_threads, by_sdpa = ThreadedStep(threads, opts[0], 1.0, 2), ThreadedStep(sdpa, opts[2], 1.0, 2)
-    by_processes = ProcessStep(processes, opts[1], 1.0, 2, build, 8, 11, 5)
-    gen = torch.Generator().manual_seed(1)
-    try:
-        with single_threaded_ops():
-            for _ in range(3):
-                xs, ys = sample_prompts(Linear(), 8, 11, 5, gen)
-                assert by_threads(xs, ys, tc.lr).item() == by_processes(xs, ys).item()
-                by_sdpa(xs, ys, tc.lr)
-        for (name, p), q in zip(threads.named_parameters(), processes.parameters()):
-            assert torch.equal(p, q), name
-        # The comparison can tell the kernels from SDPA: the SDPA model's weights differ in rounding.
-        assert any(not torch.equal(p, q) for p, q in zip(threads.parameters(), sdpa.parameters()))
-    finally:
-        by_threads.close()
-        by_sdpa.close()
-        by_processes.close()
