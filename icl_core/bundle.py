@@ -14,7 +14,7 @@ import contextlib
 import csv
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +141,13 @@ def train_bundle(
     callbacks: Sequence[Sequence[TrainCallback]] | None = None,
     progress: bool = True,
     extras: Sequence[dict[str, Any]] | None = None,
+    on_checkpoint: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[TrainResult | NonFiniteLossError]:
     """Train `cfgs` as one bundle, member k into `out_dirs[k]`; per member its TrainResult, or the
-    NonFiniteLossError that froze it. Members resumed from their checkpoints must stand at one step."""
+    NonFiniteLossError that froze it. Members resumed from their checkpoints must stand at one step.
+
+    `callbacks[k]` follow member k; `on_checkpoint(step, {"loss": mean over the active members})` runs once per
+    checkpoint step, after every active member saved."""
     K = len(cfgs)
     if K == 0 or len(out_dirs) != K:
         raise ValueError("a bundle needs one output directory per config, and at least one config")
@@ -239,6 +243,9 @@ def train_bundle(
                         os.fsync(handles[k].fileno())  # rows up to the checkpoint must survive a kill
                         _save_member(model, optimizer, k, members[k], optimizers[k], gens[k], step, cfgs[k],
                                      outs[k], extras[k], lasts[k], callbacks[k])
+                if on_checkpoint is not None and len(errors) < K:
+                    saved = [lasts[k]["loss"] for k in range(K) if k not in errors and "loss" in lasts[k]]
+                    on_checkpoint(step, {"loss": sum(saved) / len(saved)} if saved else {})
     if bar is not None:
         bar.close()
     results: list[TrainResult | NonFiniteLossError] = []

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,15 +94,16 @@ class Progress:
         self.already = already
         self.failed = 0
         self.best: float | None = None
-        self.running: dict[str, float] = {}  # trial id -> fraction of its training steps done
+        self.running: dict[str, tuple[float, int]] = {}  # Ray trial id -> (fraction of its steps done, configs)
         self.start = self.last = time.monotonic()
 
     def line(self) -> str:
-        training = sorted((p for p in self.running.values() if p < 1.0), reverse=True)
-        evaluating = len(self.running) - len(training)
+        training = sorted((p for p, _ in self.running.values() if p < 1.0), reverse=True)
+        n_training = sum(n for p, n in self.running.values() if p < 1.0)
+        evaluating = sum(n for _, n in self.running.values()) - n_training
         elapsed = time.monotonic() - self.start
         parts = [f"[{self.name}] finished {self.done}/{self.total}",
-                 f"training {len(training)}" + (f" ({' '.join(f'{p:.0%}' for p in training[:6])})" if training else ""),
+                 f"training {n_training}" + (f" ({' '.join(f'{p:.0%}' for p in training[:6])})" if training else ""),
                  f"evaluating {evaluating}", f"failed {self.failed}", f"{duration_text(elapsed)} elapsed"]
         eta = self.eta(elapsed)
         if eta is not None and self.done + self.failed < self.total:
@@ -112,8 +114,9 @@ class Progress:
 
     def eta(self, elapsed: float) -> float | None:
         """Seconds left at this run's pace: trials' worth of work done so far against what remains."""
-        done = (self.done - self.already) + self.failed + sum(self.running.values())
-        left = self.total - self.done - self.failed - sum(self.running.values())
+        running = sum(p * n for p, n in self.running.values())
+        done = (self.done - self.already) + self.failed + running
+        left = self.total - self.done - self.failed - running
         return elapsed / done * max(left, 0.0) if done > 0.05 else None
 
     def emit(self, force: bool = False) -> None:
@@ -123,37 +126,51 @@ class Progress:
             print(self.line(), flush=True)
 
 
-def _callback(progress: Progress):
+def _callback(progress: Progress, sizes: Sequence[int]):
+    """Tune's events as the progress line's counts of configs (a Ray trial trains a bundle of `sizes[i]`)."""
     from ray import tune
+
+    def size(trial) -> int:
+        return sizes[trial.config["trial"]]
 
     class ProgressCallback(tune.Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
-            progress.running.setdefault(trial.trial_id, 0.0)
+            progress.running.setdefault(trial.trial_id, (0.0, size(trial)))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            progress.running[trial.trial_id] = float(result.get("progress", 0.0))
+            progress.running[trial.trial_id] = (float(result.get("progress", 0.0)), size(trial))
             progress.emit()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             progress.running.pop(trial.trial_id, None)
             result = trial.last_result or {}
-            failed = bool(result.get("iclmix_failed"))
+            failed = len(json.loads(result.get("iclmix_failed_members") or "{}"))
             progress.failed += failed
-            progress.done += not failed
+            progress.done += size(trial) - failed
             loss = result.get("eval_loss")
-            if not failed and isinstance(loss, float) and math.isfinite(loss):
+            if failed < size(trial) and isinstance(loss, float) and math.isfinite(loss):
                 progress.best = loss if progress.best is None else min(progress.best, loss)
             progress.emit(force=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             progress.running.pop(trial.trial_id, None)
-            progress.failed += 1
+            progress.failed += size(trial)
             progress.emit(force=True)
 
         def on_step_end(self, iteration, trials, **info):
             progress.emit()
 
     return ProgressCallback()
+
+
+def group_bundles(payloads: Sequence[TrialPayload], size: int) -> list[tuple[TrialPayload, ...]]:
+    """The round's Ray trials: payloads of one bundle key (icl_core.bundle) in groups of at most `size`, in order."""
+    from icl_core.bundle import bundle_key
+
+    by_key: dict[str, list[TrialPayload]] = {}
+    for p in payloads:
+        by_key.setdefault(bundle_key(p.config) if size > 1 else p.hash, []).append(p)
+    return [tuple(ps[i:i + size]) for ps in by_key.values() for i in range(0, len(ps), size)]
 
 
 def _run_round(ctx: SweepContext, payloads: list[TrialPayload], progress: Progress, round_name: str) -> None:
@@ -164,24 +181,30 @@ def _run_round(ctx: SweepContext, payloads: list[TrialPayload], progress: Progre
     if not payloads:
         return
     spec = ctx.spec
-    # Tune sees only each payload's index; the typed payloads travel whole through Ray's object store.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, payloads=payloads),
+    bundles = group_bundles(payloads, spec.resources.bundle)
+    # Tune sees only each bundle's index; the typed payloads travel whole through Ray's object store.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, bundles=bundles),
                                     {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     storage = f"{ctx.root}/ray" if layout.is_uri(ctx.root) else str(Path(ctx.root) / "ray")
+
+    def name(t) -> str:
+        members = bundles[t.config["trial"]]
+        return members[0].name + (f"+{len(members) - 1}" if len(members) > 1 else "")
+
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(list(range(len(payloads))))},
+        param_space={"trial": tune.grid_search(list(range(len(bundles))))},
         tune_config=tune.TuneConfig(
             reuse_actors=True,  # a new trial skips the process start and the torch/mlflow imports
-            trial_name_creator=lambda t: payloads[t.config["trial"]].name,
-            trial_dirname_creator=lambda t: payloads[t.config["trial"]].name,
+            trial_name_creator=name,
+            trial_dirname_creator=name,
         ),
         run_config=tune.RunConfig(
             name=round_name,
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[_callback(progress)],
+            callbacks=[_callback(progress, [len(b) for b in bundles])],
             verbose=0,
         ),
     )
@@ -189,11 +212,12 @@ def _run_round(ctx: SweepContext, payloads: list[TrialPayload], progress: Progre
     for result in grid:
         if not result.config or "trial" not in result.config:
             continue
-        payload = payloads[result.config["trial"]]
+        members = bundles[result.config["trial"]]
         if result.error is not None:
-            ctx.failed[payload.hash] = f"{type(result.error).__name__}: {result.error}".splitlines()[0]
-        elif (result.metrics or {}).get("iclmix_failed"):
-            ctx.failed[payload.hash] = str(result.metrics.get("error", "failed"))
+            for p in members:
+                ctx.failed[p.hash] = f"{type(result.error).__name__}: {result.error}".splitlines()[0]
+        else:
+            ctx.failed.update(json.loads((result.metrics or {}).get("iclmix_failed_members") or "{}"))
 
 
 def _grid_round(ctx: SweepContext, trials: list[Trial], done: set[str], progress: Progress) -> dict[str, str]:
@@ -600,7 +624,8 @@ def _shutdown_ray(tmp: str | None) -> None:
 def sweep_params(spec: SweepSpec, trials: list[Trial]) -> dict[str, str]:
     """The parent run's params: the sweep's shape and its base config (each trial's own config is on its run)."""
     params = {"sweep.trials": str(trial_count(spec, trials)), "sweep.seeds": json.dumps(spec.seeds),
-              "sweep.resources.cpu": f"{spec.resources.cpu:g}", "sweep.resources.gpu": f"{spec.resources.gpu:g}"}
+              "sweep.resources.cpu": f"{spec.resources.cpu:g}", "sweep.resources.gpu": f"{spec.resources.gpu:g}",
+              "sweep.resources.bundle": str(spec.resources.bundle)}
     for key in spec.grid:
         values = axis_values(key, spec.grid[key])  # a mixture by its id; numbers and names as they are
         params[f"sweep.grid.{key}"] = json.dumps([value_label(v) if isinstance(v, list) else v for v in values])

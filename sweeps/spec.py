@@ -76,10 +76,12 @@ class TuneSpec(Strict):
 
 
 class Resources(Strict):
-    """Per-trial resources; a fractional gpu packs several trials on one GPU."""
+    """Per-trial resources; a fractional gpu packs several trials on one GPU. `bundle: K` trains up to K configs
+    of one model shape as one bundled model (icl_core.bundle) in one Ray trial holding these resources."""
 
     cpu: float = Field(1.0, gt=0, le=4096, allow_inf_nan=False)
     gpu: float = Field(0.0, ge=0, le=1024, allow_inf_nan=False)
+    bundle: int = Field(1, ge=1, le=1024)
 
 
 class SweepSpec(Strict):

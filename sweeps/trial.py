@@ -7,6 +7,8 @@ by config hash (so a new `sweep run` after the driver died continues it), else s
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -24,6 +26,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from icl_core.bundle import train_bundle
 from icl_core.config import RunConfig, dump_yaml
 from icl_core.evaluate import EVAL_CSV, evaluate_run, summarize, write_eval_csv
 from icl_core.train import (
@@ -31,6 +34,7 @@ from icl_core.train import (
     CONFIG,
     METRICS,
     NonFiniteLossError,
+    TrainResult,
     load_checkpoint,
     resolve_device,
     train,
@@ -73,20 +77,39 @@ class CheckpointStore:
             self.fs.move(tmp, f"{self._dir(key)}/{name}")
 
 
-class RayReporter:
-    """TrainCallback: at each checkpoint, store it by hash and report it to Ray Tune."""
+class StoreCheckpoint:
+    """TrainCallback: copy each checkpoint (with the metrics up to it) into the store under the run's hash."""
 
-    def __init__(self, store: CheckpointStore, key: str, total_steps: int):
-        self.store, self.key, self.total = store, key, total_steps
+    def __init__(self, store: CheckpointStore, key: str):
+        self.store, self.key = store, key
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         self.store.put(self.key, path.parent)
+
+
+class RayReporter:
+    """Report a checkpoint step to Ray Tune, once for the trial's runs (one folder per run hash), so Ray's retry
+    of the trial has them. As a TrainCallback it reports the one run it follows."""
+
+    def __init__(self, works: dict[str, Path], total_steps: int):
+        self.works, self.total = works, total_steps
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+        self.report(step, metrics)
+
+    def report(self, step: int, metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory(prefix="iclmix-ckpt-") as d:
-            for name in STORE_FILES:
-                shutil.copy2(path.parent / name, Path(d) / name)
+            for key, work in self.works.items():
+                if (work / CHECKPOINT).exists():
+                    (Path(d) / key).mkdir()
+                    for name in STORE_FILES:
+                        shutil.copy2(work / name, Path(d) / key / name)
             tune.report(
                 {"step": step, "progress": step / self.total, **{f"train/{k}": v for k, v in metrics.items()}},
                 checkpoint=tune.Checkpoint.from_directory(d),
@@ -111,14 +134,23 @@ class FaultOnce:
 
 
 def _restore(work: Path, store: CheckpointStore, key: str) -> str:
+    """The run's newest checkpoint into `work`, from Ray's retry or the store (in a bundle the store can be a
+    checkpoint ahead of Ray's last report); says which, or "fresh"."""
+    from_store = store.get(key, work)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            for name in STORE_FILES:
-                if (Path(d) / name).exists():
-                    shutil.copy2(Path(d) / name, work / name)
-        return "ray"
-    return "store" if store.get(key, work) else "fresh"
+            src = Path(d) / key
+            if (src / CHECKPOINT).exists() and (not from_store or _step(src) >= _step(work)):
+                for name in STORE_FILES:
+                    if (src / name).exists():
+                        shutil.copy2(src / name, work / name)
+                return "ray"
+    return "store" if from_store else "fresh"
+
+
+def _step(folder: Path) -> int:
+    return load_checkpoint(folder / CHECKPOINT)["step"]
 
 
 def _backfill_metrics(client: MlflowClient, run_id: str, metrics_csv: Path, upto: int) -> None:
@@ -208,75 +240,139 @@ class TrialPayload:
     gpus: float
 
 
-def run_trial(config: dict[str, Any], payloads: Sequence[TrialPayload]) -> None:
-    """Ray Tune entry point: `config["trial"]` indexes the payloads the driver built for this round."""
-    t = payloads[config["trial"]]
-    cfg, key = t.config, t.hash
-    torch.set_num_threads(max(1, int(t.cpus)))
-    device, device_tags = claim_device(t.gpus, cfg.train.device)
-
-    client = MlflowClient(t.tracking_uri)
-    store = CheckpointStore(t.store)
-    work = Path(tempfile.mkdtemp(prefix=f"iclmix-{key}-"))
-    run_id: str | None = None
+def run_trial(config: dict[str, Any], bundles: Sequence[tuple[TrialPayload, ...]]) -> None:
+    """Ray Tune entry point: `config["trial"]` indexes the bundles the driver built for this round. A bundle of one
+    trains alone (with its config's step options), a larger one as one bundled model (icl_core.bundle)."""
+    members = bundles[config["trial"]]
+    first = members[0]
+    torch.set_num_threads(max(1, int(first.cpus)))
+    device, device_tags = claim_device(first.gpus, first.config.train.device)
+    client = MlflowClient(first.tracking_uri)
+    store = CheckpointStore(first.store)
+    works = {t.hash: Path(tempfile.mkdtemp(prefix=f"iclmix-{t.hash}-")) for t in members}
+    run_ids: dict[str, str] = {}  # hash -> MLflow run of each member started here
+    ended: set[str] = set()  # members whose MLflow run this trial ended
     try:
-        source = _restore(work, store, key)
-        resumed_step = 0
-        if (work / CHECKPOINT).exists():
-            ckpt = load_checkpoint(work / CHECKPOINT)
-            run_id, resumed_step = ckpt.get("extra", {}).get("mlflow_run_id"), ckpt["step"]
-            del ckpt
-        if run_id is None:
-            run_id = tr.ensure_run(
-                client, t.experiment_id, sweep=t.sweep, role="trial", name=t.run_name,
-                parent_id=t.parent_run_id, match={"config_hash": key},
-                tags={layout.TAG_CELL: t.cell, layout.TAG_CELL_LABEL: t.cell_label, layout.TAG_SEED: str(t.seed),
-                      layout.TAG_HASH: key, layout.TAG_COMMIT: t.git_commit, layout.TAG_SEARCH: t.search,
-                      **tr.source_tags(t.git_commit, f"iclmix sweep run {t.sweep}")},
-            )
+        starts = {t.hash: _start_member(t, client, store, works[t.hash], device_tags, run_ids) for t in members}
+        results: dict[str, TrainResult | NonFiniteLossError] = {}
+        if len(members) == 1:
+            results[first.hash] = _train_alone(first, works[first.hash], store, client, run_ids[first.hash])
         else:
-            client.update_run(run_id, status="RUNNING")
-        ctx = ray.get_runtime_context()
-        tr.set_tags(client, run_id, {layout.TAG_RESUMED_FROM: source, layout.TAG_NODE: os.uname().nodename,
-                                     layout.TAG_RAY_NODE: ctx.get_node_id(),
-                                     layout.TAG_GPU_IDS: ",".join(map(str, ray.get_gpu_ids())), **device_tags})
-        tr.log_params(client, run_id, trial_params(cfg, t.families))
-        (work / CONFIG).write_text(dump_yaml(cfg))  # first: a trial that fails still says what it was
-        client.log_artifact(run_id, str(work / CONFIG))
-        if source != "fresh":
-            _backfill_metrics(client, run_id, work / METRICS, resumed_step)
-        try:
-            buffer = tr.MetricBuffer(client, run_id)
-            # The checkpoint is stored before the metrics up to it are flushed: a trial killed in between resumes
-            # from that checkpoint and backfills them, never re-running (and re-logging) steps MLflow has.
-            callbacks = [RayReporter(store, key, cfg.train.steps), buffer]
-            if os.environ.get("ICLMIX_FAULT_ONCE"):
-                callbacks.append(FaultOnce(os.environ["ICLMIX_FAULT_ONCE"], key))
-            result = train(cfg, work, resume=True, progress=False, extra={"mlflow_run_id": run_id},
-                           callbacks=callbacks)
-            buffer.flush()
-            rows = evaluate_run(result.model, cfg, device=next(result.model.parameters()).device)
-        except NonFiniteLossError as e:  # deterministic: retrying from a checkpoint would fail the same way
-            tr.set_tags(client, run_id, {layout.TAG_ERROR: str(e)})
-            tr.end_run(client, run_id, "FAILED")
-            tune.report({"iclmix_failed": 1, "error": str(e)})
-            return
-        write_eval_csv(rows, work / EVAL_CSV)
-        summary = summarize(rows)
-        if device.type == "cuda":  # what the trial took of its GPU, to set against iclmix.gpu_memory_cap_gib
-            summary["gpu/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        now = int(time.time() * 1000)
-        tr.log_metrics(client, run_id, [Metric(k, v, now, 0) for k, v in summary.items()])  # one value, no steps
-        for name in (EVAL_CSV, METRICS, CHECKPOINT):
-            client.log_artifact(run_id, str(work / name))
-        _log_curve_figure(client, run_id, rows, cfg, t.run_name, work)
-        tr.end_run(client, run_id, "FINISHED")
-        tune.report({"step": result.step, "progress": 1.0, "iclmix_failed": 0, **summary})
+            for step in sorted(set(starts.values())):  # members resumed at one step train together
+                group = [t for t in members if starts[t.hash] == step]
+                results.update(_train_bundled(group, works, store, client, run_ids))
+        failed, summaries = {}, []
+        for t in members:
+            result = results[t.hash]
+            if isinstance(result, NonFiniteLossError):  # deterministic: a retry would fail the same way
+                tr.set_tags(client, run_ids[t.hash], {layout.TAG_ERROR: str(result)})
+                tr.end_run(client, run_ids[t.hash], "FAILED")
+                failed[t.hash] = str(result)
+            else:
+                summaries.append(_finish_member(t, result, client, run_ids[t.hash], works[t.hash], device))
+            ended.add(t.hash)
     except Exception as e:
-        if run_id:
-            tr.set_tags(client, run_id, {layout.TAG_ERROR: f"{type(e).__name__}: {e}"[:4000],
-                                         layout.TAG_TRACEBACK: traceback.format_exc()[-4000:]})
-            tr.end_run(client, run_id, "FAILED")
+        for key in run_ids.keys() - ended:
+            tr.set_tags(client, run_ids[key], {layout.TAG_ERROR: f"{type(e).__name__}: {e}"[:4000],
+                                               layout.TAG_TRACEBACK: traceback.format_exc()[-4000:]})
+            tr.end_run(client, run_ids[key], "FAILED")
         raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        for work in works.values():
+            shutil.rmtree(work, ignore_errors=True)
+    report = {"step": first.config.train.steps, "progress": 1.0, "members": len(members),
+              "iclmix_failed": int(len(failed) == len(members)), "iclmix_failed_members": json.dumps(failed)}
+    if failed:
+        report["error"] = "; ".join(failed.values())
+    if len(summaries) == 1:
+        report.update(summaries[0])
+    elif losses := [s["eval_loss"] for s in summaries if math.isfinite(s.get("eval_loss", math.nan))]:
+        report["eval_loss"] = min(losses)  # the progress line's best
+    tune.report(report)
+
+
+def _start_member(t: TrialPayload, client: MlflowClient, store: CheckpointStore, work: Path,
+                  device_tags: dict[str, str], run_ids: dict[str, str]) -> int:
+    """Restore the member's checkpoint, open (or reopen) its MLflow run with tags, params and config; its step."""
+    source = _restore(work, store, t.hash)
+    resumed_step, run_id = 0, None
+    if (work / CHECKPOINT).exists():
+        ckpt = load_checkpoint(work / CHECKPOINT)
+        run_id, resumed_step = ckpt.get("extra", {}).get("mlflow_run_id"), ckpt["step"]
+        del ckpt
+    if run_id is None:
+        run_id = tr.ensure_run(
+            client, t.experiment_id, sweep=t.sweep, role="trial", name=t.run_name,
+            parent_id=t.parent_run_id, match={"config_hash": t.hash},
+            tags={layout.TAG_CELL: t.cell, layout.TAG_CELL_LABEL: t.cell_label, layout.TAG_SEED: str(t.seed),
+                  layout.TAG_HASH: t.hash, layout.TAG_COMMIT: t.git_commit, layout.TAG_SEARCH: t.search,
+                  **tr.source_tags(t.git_commit, f"iclmix sweep run {t.sweep}")},
+        )
+    else:
+        client.update_run(run_id, status="RUNNING")
+    run_ids[t.hash] = run_id
+    ctx = ray.get_runtime_context()
+    tr.set_tags(client, run_id, {layout.TAG_RESUMED_FROM: source, layout.TAG_NODE: os.uname().nodename,
+                                 layout.TAG_RAY_NODE: ctx.get_node_id(),
+                                 layout.TAG_GPU_IDS: ",".join(map(str, ray.get_gpu_ids())), **device_tags})
+    tr.log_params(client, run_id, trial_params(t.config, t.families))
+    (work / CONFIG).write_text(dump_yaml(t.config))  # first: a trial that fails still says what it was
+    client.log_artifact(run_id, str(work / CONFIG))
+    if source != "fresh":
+        _backfill_metrics(client, run_id, work / METRICS, resumed_step)
+    return resumed_step
+
+
+def _member_callbacks(t: TrialPayload, store: CheckpointStore, buffer: tr.MetricBuffer,
+                      reporter: RayReporter | None = None) -> list:
+    """Store each checkpoint by hash (and report it to Ray), then flush the metrics up to it: a trial killed in
+    between resumes from that checkpoint and backfills them, never re-running (and re-logging) steps MLflow has."""
+    callbacks = [StoreCheckpoint(store, t.hash), *([reporter] if reporter else []), buffer]
+    if os.environ.get("ICLMIX_FAULT_ONCE"):
+        callbacks.append(FaultOnce(os.environ["ICLMIX_FAULT_ONCE"], t.hash))
+    return callbacks
+
+
+def _train_alone(t: TrialPayload, work: Path, store: CheckpointStore, client: MlflowClient,
+                 run_id: str) -> TrainResult | NonFiniteLossError:
+    buffer = tr.MetricBuffer(client, run_id)
+    reporter = RayReporter({t.hash: work}, t.config.train.steps)
+    try:
+        result = train(t.config, work, resume=True, progress=False, extra={"mlflow_run_id": run_id},
+                       callbacks=_member_callbacks(t, store, buffer, reporter))
+    except NonFiniteLossError as e:
+        return e
+    buffer.flush()
+    return result
+
+
+def _train_bundled(group: Sequence[TrialPayload], works: dict[str, Path], store: CheckpointStore,
+                   client: MlflowClient, run_ids: dict[str, str]) -> dict[str, TrainResult | NonFiniteLossError]:
+    buffers = [tr.MetricBuffer(client, run_ids[t.hash]) for t in group]
+    reporter = RayReporter({t.hash: works[t.hash] for t in group}, group[0].config.train.steps)
+    results = train_bundle(
+        [t.config for t in group], [works[t.hash] for t in group], resume=True, progress=False,
+        extras=[{"mlflow_run_id": run_ids[t.hash]} for t in group],
+        callbacks=[_member_callbacks(t, store, b) for t, b in zip(group, buffers, strict=True)],
+        on_checkpoint=reporter.report,
+    )
+    for b in buffers:
+        b.flush()
+    return {t.hash: r for t, r in zip(group, results, strict=True)}
+
+
+def _finish_member(t: TrialPayload, result: TrainResult, client: MlflowClient, run_id: str, work: Path,
+                   device: torch.device) -> dict[str, float]:
+    """Evaluate the trained member, log its summary, artifacts and figure, and end its run FINISHED."""
+    rows = evaluate_run(result.model, t.config, device=device)
+    write_eval_csv(rows, work / EVAL_CSV)
+    summary = summarize(rows)
+    if device.type == "cuda":  # what the trial took of its GPU, to set against iclmix.gpu_memory_cap_gib
+        summary["gpu/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    now = int(time.time() * 1000)
+    tr.log_metrics(client, run_id, [Metric(k, v, now, 0) for k, v in summary.items()])  # one value, no steps
+    for name in (EVAL_CSV, METRICS, CHECKPOINT):
+        client.log_artifact(run_id, str(work / name))
+    _log_curve_figure(client, run_id, rows, t.config, t.run_name, work)
+    tr.end_run(client, run_id, "FINISHED")
+    return summary

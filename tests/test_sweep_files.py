@@ -98,6 +98,7 @@ BAD = [
     (sweep(tune={"params": {"train.lr": {"loguniform": [3e-3, 1e-4]}}}), "tune.params"),
     (sweep(tune={"params": {"train.lrr": {"uniform": [0.1, 0.2]}}}), "train.lrr"),
     (sweep(resources={"cpu": 0}), "resources.cpu"),
+    (sweep(resources={"bundle": 0}), "resources.bundle"),
     (sweep(checks={"finding": "magic"}), "checks.finding"),
     (sweep(checks={"finding": "model_selection", "family_a": "linear", "family_b": "sparse_linear(nnz=1)",
                    "rel_tol": -0.1}), "checks.rel_tol"),

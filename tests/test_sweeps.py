@@ -114,6 +114,45 @@ def test_sweep_tracks_every_trial_retries_faults_and_extends(tmp_path, mlflow_se
         assert after[run_id] == end  # not trained again
 
 
+def test_bundled_sweep_trains_each_config_as_its_own_run_and_resumes_every_member(tmp_path, mlflow_server):
+    uri = mlflow_server.uri
+    sweep = write_sweep(tmp_path / "bundled.yaml", name="bundled", grid={"train.lr": [1e-3, 1e30]}, seeds=[0, 1],
+                        resources={"cpu": 1, "bundle": 4})
+    faults = tmp_path / "faults"
+    r = run_cli("sweep", "run", sweep, "--tracking-uri", uri, "--storage", tmp_path / "store", timeout=900,
+                env={"ICLMIX_FAULT_ONCE": f"{faults}:20"})
+    # The four configs share one shape: one Ray trial trains them; the two at lr = 1e30 are frozen and fail alone.
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 FAILED" in r.stdout and "2 FINISHED" in r.stdout and "non-finite" in r.stdout
+    trial_dirs = [d.name for d in (tmp_path / "store" / "bundled" / "ray").glob("*/*") if d.is_dir()]
+    assert len(trial_dirs) == 1 and trial_dirs[0].endswith("+3"), trial_dirs
+
+    client = MlflowClient(uri)
+    runs = trial_runs(uri, "bundled")
+    assert len(runs) == 4 and runs["tags.iclmix.config_hash"].nunique() == 4  # each config its own run, once
+    ok, bad = runs[runs.status == "FINISHED"], runs[runs.status == "FAILED"]
+    assert set(ok["params.train.lr"]) == {"0.001"} and set(bad["params.train.lr"]) == {"1e+30"}
+    assert bad["tags.iclmix.error"].str.contains("non-finite").all()
+    assert ok["metrics.eval_loss"].between(0, 5).all()
+    # Each good member raised once after its step-20 checkpoint; the retried bundle resumed every member from
+    # its own checkpoint and logged each training step exactly once, to that member's run.
+    assert len(list(faults.iterdir())) == 2
+    assert set(ok["tags.iclmix.resumed_from"]) <= {"ray", "store"}
+    for run_id in ok.run_id:
+        assert metric_steps(client, run_id) == [1, 10, 20, 30, 40, 50, 60]
+        assert {"config.yaml", "eval.csv", "checkpoint.pt", "metrics.csv"} <= {a.path for a in
+                                                                              client.list_artifacts(run_id)}
+
+    # Rerunning skips the finished members; the failed ones are tried again (and fail again).
+    before = ok.set_index("run_id")["end_time"]
+    r = run_cli("sweep", "run", sweep, "--tracking-uri", uri, "--storage", tmp_path / "store", timeout=900)
+    assert r.returncode == 1 and "4 trials, 2 already finished" in r.stdout
+    runs = trial_runs(uri, "bundled")
+    assert len(runs) == 4 and (runs.status == "FINISHED").sum() == 2
+    after = runs.set_index("run_id")["end_time"]
+    assert all(after[run_id] == end for run_id, end in before.items())
+
+
 def _running(p: psutil.Process) -> bool:
     try:
         return p.status() != psutil.STATUS_ZOMBIE
@@ -128,19 +167,22 @@ def _name(p: psutil.Process) -> str:
         return ""
 
 
-def test_driver_killed_mid_sweep_resumes_each_trial_once(tmp_path, mlflow_server):
+@pytest.mark.parametrize("bundle", [1, 3], ids=["solo", "bundle3"])
+def test_driver_killed_mid_sweep_resumes_each_trial_once(tmp_path, mlflow_server, bundle):
+    """Solo trials, or the three configs as one bundled trial: each resumes from its checkpoint, logs once."""
     uri = mlflow_server.uri
+    name = f"killme_{bundle}"  # the server is shared: each variant its own experiment
     # Long enough that a trial with a checkpoint is still training when the driver dies, however fast the machine.
     steps = 3000
     base = {**BASE, "train": {**BASE["train"], "steps": steps, "checkpoint_every": 100, "log_every": 100}}
     sweep = tmp_path / "kill.yaml"
-    sweep.write_text(yaml.safe_dump({"name": "killme", "base": base, "seeds": [0, 1, 2],
-                                     "grid": {"model.n_embd": [8]}}))
+    sweep.write_text(yaml.safe_dump({"name": name, "base": base, "seeds": [0, 1, 2],
+                                     "grid": {"model.n_embd": [8]}, "resources": {"cpu": 1, "bundle": bundle}}))
     store = tmp_path / "store"
     cmd = [sys.executable, "-m", "iclmix", "sweep", "run", str(sweep), "--tracking-uri", uri, "--storage", str(store)]
     driver = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    ckpts = store / "killme" / "checkpoints"
+    ckpts = store / name / "checkpoints"
     while time.monotonic() < deadline and not (ckpts.exists() and any(ckpts.glob("*/checkpoint.pt"))):
         assert driver.poll() is None, "the sweep ended before it could be killed"
         time.sleep(0.2)
@@ -159,14 +201,14 @@ def test_driver_killed_mid_sweep_resumes_each_trial_once(tmp_path, mlflow_server
         p.kill()
     assert not alive, [name for _, name in alive]
     assert not Path(temp_dir).exists()
-    before = trial_runs(uri, "killme")
+    before = trial_runs(uri, name)
     finished = set(before.loc[before.status.eq("FINISHED"), "tags.iclmix.config_hash"])
     interrupted = {p.parent.name for p in ckpts.glob("*/checkpoint.pt")} - finished
     assert interrupted, "no trial was killed between two checkpoints"
 
     r = run_cli("sweep", "run", sweep, "--tracking-uri", uri, "--storage", store, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    runs = trial_runs(uri, "killme")
+    runs = trial_runs(uri, name)
     assert len(runs) == 3 and runs["tags.iclmix.config_hash"].nunique() == 3
     assert (runs.status == "FINISHED").all()
     resumed = runs.set_index("tags.iclmix.config_hash")["tags.iclmix.resumed_from"]
