@@ -95,10 +95,25 @@ def _loss_steps(client: MlflowClient, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
 
 
-def test_worker_node_lost_mid_sweep_trials_resume_on_the_others(tmp_path, cluster, mlflow_server):
-    c, workers = cluster
+def _two_live_workers(c, workers: list) -> list:
+    """The fixture's workers that are still up, topped up to two (an earlier test may have removed one)."""
+    live = [w for w in workers if w in c.worker_nodes]
+    while len(live) < 2:
+        live.append(c.add_node(num_cpus=2, num_gpus=1))
+        workers.append(live[-1])
+    c.wait_for_nodes()
+    return live
+
+
+@pytest.mark.parametrize("bundle", [1, 2], ids=["solo", "bundle2"])
+def test_worker_node_lost_mid_sweep_trials_resume_on_the_others(tmp_path, cluster, mlflow_server, bundle):
+    """Solo trials, or bundles of two configs: those on the lost node resume elsewhere, each member once."""
+    c, all_workers = cluster
+    workers = _two_live_workers(c, all_workers)
+    name = f"mn_loss_{bundle}"  # the server is shared: each variant its own experiment
     steps, every = 2500, 100
-    sweep = write_sweep(tmp_path, "mn_loss", seeds=4, steps=steps, checkpoint_every=every, max_failures=3)
+    sweep = write_sweep(tmp_path, name, seeds=4, steps=steps, checkpoint_every=every, max_failures=3,
+                        resources={**FRACTIONAL, "bundle": bundle})
     cmd = [sys.executable, "-m", "iclmix", "sweep", "run", str(sweep), "--address", c.address,
            "--tracking-uri", mlflow_server.uri, "--storage", str(tmp_path / "store")]
     log = open(tmp_path / "driver.log", "w")
@@ -111,7 +126,7 @@ def test_worker_node_lost_mid_sweep_trials_resume_on_the_others(tmp_path, cluste
         while victim is None and time.monotonic() < deadline and driver.poll() is None:
             time.sleep(0.5)
             try:
-                runs = trial_runs(mlflow_server.uri, "mn_loss")
+                runs = trial_runs(mlflow_server.uri, name)
             except Exception:  # the experiment does not exist yet
                 continue
             for _, run in runs[runs.status == "RUNNING"].iterrows():
@@ -133,7 +148,7 @@ def test_worker_node_lost_mid_sweep_trials_resume_on_the_others(tmp_path, cluste
         log.close()
     out = (tmp_path / "driver.log").read_text()
     assert driver.returncode == 0, out[-4000:]
-    runs = trial_runs(mlflow_server.uri, "mn_loss")
+    runs = trial_runs(mlflow_server.uri, name)
     assert len(runs) == 4 and (runs.status == "FINISHED").all(), runs[["run_id", "status"]]
     assert runs["tags.iclmix.config_hash"].nunique() == 4  # no trial duplicated in MLflow
     survivor = ({w.node_id for w in workers} - {victim}).pop()
