@@ -39,6 +39,7 @@ bench: setup
 	$(PY) -m bench
 	$(PY) -m bench.sweep_overhead
 	$(PY) -m bench.time_to_icl
+	$(PY) -m bench.bundle_speed
 
 # The four CPU-scale reproductions of docs/reproduction.md (about 1.5 h on 2 cores; rerun to resume).
 reproduce: setup

@@ -231,3 +231,22 @@ def test_solo_runs_each_contender_in_its_own_process_at_its_thread_count():
     assert "vs best HF" in train_speed.format_table([res], "wall")
     with pytest.raises(argparse.ArgumentTypeError):
         train_speed.solo_spec("hf_gpt2@two")
+
+
+def test_bundle_benchmark_times_bundled_against_separate_trials_of_the_same_configs(tmp_path):
+    out = tmp_path / "bundle.json"
+    tiny = json.dumps({"data": {"dim": 2, "n_points": 6}, "model": {"n_layer": 1, "n_head": 1, "n_embd": 8},
+                       "train": {"batch_size": 8}})
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.bundle_speed", "--sizes", tiny, "quickstart", "--ks", "1", "3", "--steps", "2",
+         "--workers", "2", "--json", str(out)],
+        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["k"], row["workers"]) for row in rows] == [(1, 2), (3, 2)] * 2
+    for row in rows:
+        for name in ("separate", "bundled"):
+            assert row[f"{name}_model_steps_per_s"] == pytest.approx(row["k"] * 2 / row[f"{name}_s"], rel=0.02)
+        assert row["bundled_over_separate"] > 0
+    assert "ratio" in r.stdout

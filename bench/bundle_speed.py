@@ -1,0 +1,114 @@
+"""Bundled training against separate trials: aggregate model-steps/s of K configs trained as one bundled model
+(icl_core.bundle) and of the same K configs trained as K separate runs, on the same cores, in one run.
+
+Both contenders use `workers` single-thread processes (started and warmed before timing): the separate trials
+are queued over them one run at a time, the bundled ones split into `workers` bundles of K / workers members.
+The configs are a sweep file's base config with seeds 0..K-1, trained for `steps` steps; the figure is
+K x steps over the wall time of the whole batch of work. Sizes: the quickstart and the CPU twins' base configs.
+
+    python -m bench.bundle_speed [--sizes quickstart cpu_twin] [--ks 1 2 4 8 16] [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"quickstart": "sweeps/quickstart.yaml", "cpu_twin": "sweeps/mixture_weights_cpu.yaml"}
+
+
+def configs(size: str, k: int, steps: int) -> list[dict]:
+    """K run configs of one shape: the sweep file's base with seeds 0..K-1, `steps` steps, no mid-run checkpoint."""
+    from icl_core.config import read_yaml
+
+    base = read_yaml(ROOT / SIZES[size]).get("base", {}) if size in SIZES else json.loads(size)
+    train = {**base.get("train", {}), "steps": steps, "checkpoint_every": steps, "log_every": steps,
+             "warmup_steps": 0, "schedule": "constant", "device": "cpu"}
+    train.pop("decay_steps", None)
+    train.pop("min_lr_ratio", None)
+    return [{**base, "train": train, "seed": s} for s in range(k)]
+
+
+WARM = {"data": {"dim": 2, "n_points": 4}, "model": {"n_layer": 1, "n_head": 1, "n_embd": 8},
+        "train": {"steps": 2, "batch_size": 4, "device": "cpu"}}
+
+
+def _warm(_: int) -> None:
+    """Imports and first calls out of the timed work: a two-step solo run and bundle in each worker."""
+    import torch
+
+    torch.set_num_threads(1)
+    _train(("solo", [WARM]))
+    _train(("bundle", [WARM, {**WARM, "seed": 1}]))
+
+
+def _train(task: tuple[str, list[dict]]) -> float:
+    """One unit of work in a worker: a solo run, or a bundle of several; its training seconds."""
+    from icl_core.bundle import train_bundle
+    from icl_core.config import validate_run_config
+    from icl_core.train import train
+
+    kind, raw = task
+    cfgs = [validate_run_config(c) for c in raw]
+    with tempfile.TemporaryDirectory(prefix="iclmix-bundle-bench-") as d:
+        start = time.perf_counter()
+        if kind == "solo":
+            train(cfgs[0], Path(d) / "run", progress=False)
+        else:
+            train_bundle(cfgs, [Path(d) / str(i) for i in range(len(cfgs))], progress=False)
+        return time.perf_counter() - start
+
+
+def measure(size: str, k: int, steps: int, pool, workers: int) -> dict:
+    """Model-steps/s of K separate runs and of K bundled members on `workers` processes, and their ratio."""
+    cfgs = configs(size, k, steps)
+    separate = [("solo", [c]) for c in cfgs]
+    n = min(k, workers)
+    bundled = [("bundle", cfgs[i::n]) for i in range(n)]
+    out = {"size": size, "k": k, "steps": steps, "workers": workers}
+    for name, tasks in (("separate", separate), ("bundled", bundled)):
+        start = time.perf_counter()
+        pool.map(_train, tasks, chunksize=1)
+        wall = time.perf_counter() - start
+        out[f"{name}_s"] = round(wall, 6)
+        out[f"{name}_model_steps_per_s"] = round(k * steps / wall, 2)
+    out["bundled_over_separate"] = round(out["bundled_model_steps_per_s"] / out["separate_model_steps_per_s"], 3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), help="sweep sizes (or a JSON base config)")
+    ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--json", type=Path, default=RESULTS / "bundle-speed.json")
+    args = ap.parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    rows = []
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        pool.map(_warm, range(args.workers))
+        for size in args.sizes:
+            for k in args.ks:
+                row = measure(size, k, args.steps, pool, args.workers)
+                rows.append(row)
+                sep, bun = row["separate_model_steps_per_s"], row["bundled_model_steps_per_s"]
+                print(f"{size[:12]:>12} K={k:<3} model-steps/s: separate {sep:8.2f}, bundled {bun:8.2f}, "
+                      f"ratio {row['bundled_over_separate']:.2f}", flush=True)
+    result = {"benchmark": "bundle_speed", "host": platform.node(), "cpus": os.cpu_count(),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
