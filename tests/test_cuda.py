@@ -80,3 +80,20 @@ def test_non_finite_loss_under_cuda_graph_names_the_eager_step(tmp_path):
         steps.append(e.value.step)
         assert not (tmp_path / str(graph) / CHECKPOINT).exists()  # nothing non-finite was saved
     assert steps[1] == steps[0]
+
+
+def test_bundle_on_cuda_follows_its_members_trained_alone(tmp_path):
+    """A bundle of three on the GPU (bf16 autocast like a solo CUDA run) tracks each member's solo run."""
+    from icl_core.bundle import train_bundle
+
+    cfgs = [validate_run_config({**config(), "seed": s}) for s in (0, 1, 2)]
+    results = train_bundle(cfgs, [tmp_path / f"b{s}" for s in range(3)], progress=False)
+    assert all(r.step == 90 for r in results)
+    for s, cfg in enumerate(cfgs):
+        train(cfg, tmp_path / f"s{s}", progress=False)
+        alone, bundled = losses(tmp_path / f"s{s}"), losses(tmp_path / f"b{s}")
+        assert len(bundled) == len(alone) == 90
+        diffs = [abs(a - b) / max(abs(a), 1e-3) for a, b in zip(alone, bundled)]
+        w0, w1 = weights(tmp_path / f"s{s}"), weights(tmp_path / f"b{s}")
+        # bf16 matmuls batched differently round differently: close, not equal (as the graphed step above).
+        assert max(diffs[:5]) < 1e-2 and max(diffs) < 5e-2 and ((w1 - w0).norm() / w0.norm()).item() < 2e-2
