@@ -20,6 +20,7 @@ import json
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.eval_speed", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "eval-speed.json"))
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

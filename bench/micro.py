@@ -15,6 +15,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS), help="which micro-benchmarks")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "micro.json"))
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     res = {"threads": 1, "date": time.strftime("%Y-%m-%d"), **{k: PARTS[k](a.reps) for k in a.parts}}
