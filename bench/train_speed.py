@@ -145,11 +145,10 @@ class FullLastLayer(ICLTransformer):
 def build_model(cfg: ModelConfig, full_last_layer: bool = False, gelu: str | None = None) -> ICLTransformer:
     """A fresh model with the model levers applied (`full_last_layer`, `gelu`)."""
     model = (FullLastLayer if full_last_layer else ICLTransformer)(cfg)
-    if gelu in ("erf", "aten"):
-        approximate = "none" if gelu == "erf" else "tanh"
+    if gelu == "erf":
         for block in model.blocks:
             mlp = block.mlp
-            mlp.forward = lambda x, m=mlp: m.c_proj(F.gelu(m.c_fc(x), approximate=approximate))
+            mlp.forward = lambda x, m=mlp: m.c_proj(F.gelu(m.c_fc(x)))
     return model
 
 
@@ -169,9 +168,9 @@ def ours(
 
     Levers: `compile` (torch.compile the model), `optimizer` ("default", or Adam with "foreach", "fused" or
     "loop"), `grad_clip` (None = TrainConfig's default), `data` ("fresh" or "preallocated"), `gelu` (None = the
-    model's; "erf" = exact GELU, an experiment: not GPT-2's function; "aten" = ATen's tanh-GELU kernel, the CPU default
-    before SigmoidGELU), `full_last_layer` (see FullLastLayer), `batch_threads` (`train.batch_threads`: the batch
-    split over this many single-threaded threads, icl_core.threaded_step).
+    model's; "erf" = exact GELU, an experiment: not GPT-2's function), `full_last_layer` (see FullLastLayer),
+    `batch_threads` (`train.batch_threads`: the batch split over this many single-threaded threads,
+    icl_core.threaded_step).
     """
     tc = TrainConfig()
     torch.manual_seed(seed)
@@ -381,8 +380,6 @@ LEVERS: dict[str, dict] = {
     "erf_gelu": {"gelu": "erf"},
     "full_last_layer": {"full_last_layer": True},
     "batch_threads_2": {"batch_threads": 2},
-    "aten_gelu": {"gelu": "aten"},
-    "batch_threads_2_aten_gelu": {"batch_threads": 2, "gelu": "aten"},
     "batch_threads_2_foreach_adam": {"batch_threads": 2, "optimizer": "foreach"},
 }
 # Thread count is not a lever to switch inside one process (libgomp's spinning workers and the pool resize

@@ -61,44 +61,8 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, q.shape[2], C))
 
 
-GELU_K = math.sqrt(2.0 / math.pi)
-
-
-class SigmoidGELU(torch.autograd.Function):
-    """GPT-2's GELU as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3), forward and backward in a few ATen
-    passes: on CPU, where ATen's vectorised tanh is slow, 1.1-2x faster than F.gelu (docs/performance.md, "GELU")."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        c = x.new_tensor(2.0 * GELU_K)
-        s = torch.addcmul(c, x, x, value=2.0 * GELU_K * 0.044715).mul_(x).sigmoid_()  # sigmoid(2u)
-        ctx.save_for_backward(x, s)
-        return x * s
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        x, s = ctx.saved_tensors
-        # d/dx x s = s + s (1 - s) x (2u)'(x). Clamping x at 20, where s is exactly 0 or 1 in float32, changes no
-        # gradient and keeps x (2u)' finite, so the gradient there is s, never inf - inf.
-        xc = x.clamp(-20.0, 20.0)
-        d = torch.addcmul(xc.new_tensor(2.0 * GELU_K), xc, xc, value=6.0 * GELU_K * 0.044715).mul_(xc).mul_(s)
-        return d.addcmul_(d, s, value=-1.0).add_(s).mul_(grad)
-
-
 def gelu_tanh(x: Tensor) -> Tensor:
-    """GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in the form fastest where it runs.
-
-    0.5 (1 + tanh u) = sigmoid(2u), so every form is the same function up to float32 rounding. CPU: SigmoidGELU.
-    Under torch.compile: x * sigmoid(2u), which inductor fuses into one exp kernel forward and one backward.
-    Elsewhere (CUDA): ATen's fused kernel.
-    """
-    if torch.compiler.is_compiling():
-        # At |x| = 20, sigmoid(2u) is exactly 0 or 1 in float32: clamping there keeps x^3 from overflowing and
-        # leaves the function and its gradient (0 or 1 beyond) as they are.
-        c = x.clamp(-20.0, 20.0)
-        return x * torch.sigmoid((2.0 * GELU_K) * (c + 0.044715 * c * c * c))
-    if x.device.type == "cpu":
-        return SigmoidGELU.apply(x)
+    """GPT-2's GELU (`gelu_new`, Garg et al.'s): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     return F.gelu(x, approximate="tanh")
 
 
