@@ -9,6 +9,8 @@ Variants (each a full training step: prompts drawn on the device, forward, MSE, 
   loop          icl_core.train.train itself (what a trial runs), train.compile false
   loop_compile  the same with train.compile true
   loop_graph    the same with train.cuda_graph true (icl_core.cuda_graph; CUDA only)
+  bundle_K      icl_core.bundle.train_bundle with K members (seeds 0..K-1) as one batched model: steps/s, MFU and
+                GPU-hours are per model (K model-steps per bundle step), with the peak memory on CUDA
 MFU = achieved model FLOP/s over the measured matrix-product rate (bf16 8192^3 on CUDA, fp32 1024^3 on CPU).
 
 Sharing: k trials as k separate processes on one GPU (as Ray packs fractional-GPU trials), each capped at
@@ -140,28 +142,60 @@ def matmul_tflops(device: torch.device, reps: int = 10) -> dict:
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": 2 * n**3 / dt / 1e12}
 
 
+def _loop_config(size: str, device: torch.device, steps: int, log_every: int, seed: int = 0, **train_kw):
+    from icl_core.config import validate_run_config
+
+    return validate_run_config({
+        "seed": seed,
+        "data": {"dim": DIM, "n_points": POINTS, "mixture": [{"family": "linear", "weight": 1.0}]},
+        "model": SIZES[size],
+        "train": {"steps": steps, "batch_size": BATCH, "log_every": log_every, "checkpoint_every": steps,
+                  "device": device.type, **train_kw},
+    })
+
+
+def _logged_seconds(run_dir: Path, first: int, last: int) -> float:
+    """Training seconds between two logged steps of a run folder's metrics."""
+    import csv
+
+    from icl_core.train import METRICS
+
+    with open(run_dir / METRICS, newline="") as f:
+        t = {int(r["step"]): float(r["time_s"]) for r in csv.DictReader(f)}
+    return t[last] - t[first]
+
+
 def train_loop(size: str, device: torch.device, steps: int, warmup: int, compile_: bool = False,
                cuda_graph: bool = False) -> dict:
     """Steps/s of `icl_core.train.train` itself at `size` (the loop a trial runs: logging, the non-finite check,
     bf16 autocast and fused AdamW on CUDA), timed between two logged steps so no checkpoint falls inside."""
-    import csv
-
-    from icl_core.config import validate_run_config
-    from icl_core.train import METRICS, train
+    from icl_core.train import train
 
     steps = -(-steps // warmup) * warmup  # a multiple of log_every, so the last step is a logged one
-    cfg = validate_run_config({
-        "data": {"dim": DIM, "n_points": POINTS, "mixture": [{"family": "linear", "weight": 1.0}]},
-        "model": SIZES[size],
-        "train": {"steps": warmup + steps, "batch_size": BATCH, "log_every": warmup, "checkpoint_every": warmup + steps,
-                  "device": device.type, "compile": compile_, "cuda_graph": cuda_graph},
-    })
+    cfg = _loop_config(size, device, warmup + steps, warmup, compile=compile_, cuda_graph=cuda_graph)
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as d:
         train(cfg, d, progress=False)
-        with open(Path(d) / METRICS, newline="") as f:
-            t = {int(r["step"]): float(r["time_s"]) for r in csv.DictReader(f)}
-    seconds = t[warmup + steps] - t[warmup]
+        seconds = _logged_seconds(Path(d), warmup, warmup + steps)
     return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds}
+
+
+def bundle_loop(size: str, device: torch.device, steps: int, warmup: int, k: int) -> dict:
+    """Model-steps/s of `icl_core.bundle.train_bundle` with k members (seeds 0..k-1) at `size`, timed as
+    `train_loop`; on CUDA also the peak memory it allocated."""
+    from icl_core.bundle import train_bundle
+
+    steps = -(-steps // warmup) * warmup
+    cfgs = [_loop_config(size, device, warmup + steps, warmup, seed=s) for s in range(k)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory(prefix="bench-bundle-") as d:
+        train_bundle(cfgs, [Path(d) / str(s) for s in range(k)], progress=False)
+        seconds = _logged_seconds(Path(d) / "0", warmup, warmup + steps)
+    out = {"steps": steps, "seconds": seconds, "steps_per_s": k * steps / seconds,
+           "bundle_steps_per_s": steps / seconds}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
 
 
 def time_steps(step: Callable[[], None], device: torch.device, steps: int, warmup: int) -> dict:
@@ -182,16 +216,24 @@ def variants_table(size: str, device: torch.device, variants: list[str], steps: 
     out = {}
     flops = ICLTransformer(ModelConfig(dim=DIM, max_points=POINTS, **SIZES[size])).flops_per_step(POINTS, BATCH)
     for v in variants:
-        if v in LOOP_VARIANTS:
+        if v in LOOP_VARIANTS or v.startswith("bundle_"):
             try:
-                runs = [train_loop(size, device, steps, warmup, compile_=v == "loop_compile",
-                                   cuda_graph=v == "loop_graph") for _ in range(repeats)]
-            except Exception as e:
-                out[v] = {"error": f"{type(e).__name__}: {e}"}
+                if v.startswith("bundle_"):
+                    runs = [bundle_loop(size, device, steps, warmup, int(v.removeprefix("bundle_")))
+                            for _ in range(repeats)]
+                else:
+                    runs = [train_loop(size, device, steps, warmup, compile_=v == "loop_compile",
+                                       cuda_graph=v == "loop_graph") for _ in range(repeats)]
+            except Exception as e:  # e.g. a bundle too large for the card's memory
+                out[v] = {"error": f"{type(e).__name__}: {e}"[:500]}
                 continue
-            sps = statistics.median(r["steps_per_s"] for r in runs)
+            sps = statistics.median(r["steps_per_s"] for r in runs)  # model-steps/s: K per bundle step
             out[v] = {"steps_per_s": sps, "achieved_tflops": flops * sps / 1e12,
-                      "runs": [r["steps_per_s"] for r in runs], "gpu_hours_500k": REFERENCE_STEPS / sps / 3600}
+                      "runs": [r["steps_per_s"] for r in runs], "gpu_hours_500k": REFERENCE_STEPS / sps / 3600,
+                      **({"peak_memory_gib": max(r["peak_memory_gib"] for r in runs)}
+                         if "peak_memory_gib" in runs[0] else {})}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             continue
         try:
             step, flops = build_step(size, device, v)
@@ -316,9 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device.type == "cpu":
         torch.set_num_threads(a.threads or 1)  # as each trial process runs (see share)
-    variants = a.variants or (["eager", "compile", "graph", "loop", "loop_compile", "loop_graph"]
+    variants = a.variants or (["eager", "compile", "graph", "loop", "loop_compile", "loop_graph",
+                               "bundle_1", "bundle_4", "bundle_16", "bundle_32"]
                               if device.type == "cuda"
-                              else ["eager", "loop"])
+                              else ["eager", "loop", "bundle_2"])
     steps = a.steps or (5 if a.tiny else 200 if device.type == "cuda" else 3)
     warmup = a.warmup if a.warmup is not None else (2 if a.tiny else 20 if device.type == "cuda" else 1)
     res: dict = {

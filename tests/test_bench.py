@@ -87,6 +87,8 @@ def test_gpu_benchmark_runs_on_cpu_at_tiny_size(tmp_path):
     res = json.loads(out.read_text())
     assert res["size"] == "tiny" and res["variants"]["eager"]["steps_per_s"] > 0
     assert res["variants"]["loop"]["steps_per_s"] > 0  # icl_core.train.train itself, as a trial runs it
+    bundle = res["variants"]["bundle_2"]  # icl_core.bundle: two members, figures per model
+    assert bundle["steps_per_s"] > 0 and 0 < bundle["mfu"] < 1
     assert res["matmul"]["tflops"] > 0 and 0 < res["variants"]["eager"]["mfu"] < 1
     assert [s["trials"] for s in res["sharing"]] == [1, 2]
     two = res["sharing"][1]
