@@ -365,9 +365,14 @@ def _resume(path: Path, cfg: RunConfig, model: ICLTransformer, optimizer: torch.
     ckpt = load_checkpoint(path, map_location=device, required=RESUME_KEYS)
     if ckpt["config_hash"] != cfg.config_hash:
         raise ConfigError("--resume", f"{path} was written by another config (hash {ckpt['config_hash']})")
+    # The saved groups carry the flags of the optimizer that wrote them (a bundle's or another device's);
+    # this run keeps its own, so a graphed step still finds a capturable optimizer.
+    flags = [{k: g[k] for k in ("capturable", "fused", "foreach") if k in g} for g in optimizer.param_groups]
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(optimizer.param_groups, flags, strict=True):
+            group.update(own)
         gen.set_state(ckpt["data_rng"].to(gen.get_state().device))
     except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as e:
         raise _not_a_checkpoint(path, f"its state does not load: {_first_line(e)}") from None

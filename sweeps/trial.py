@@ -1,4 +1,4 @@
-"""The Ray Tune function trainable: train one resolved config, evaluate it, track it in MLflow.
+"""The Ray Tune function trainable: train one resolved config (or a bundle of them), evaluate, track in MLflow.
 
 A trial resumes from Ray's checkpoint when Ray retries it, else from the sweep's checkpoint store keyed
 by config hash (so a new `sweep run` after the driver died continues it), else starts fresh.
@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from icl_core.bundle import train_bundle
-from icl_core.config import RunConfig, dump_yaml
+from icl_core.config import ConfigError, RunConfig, dump_yaml
 from icl_core.evaluate import EVAL_CSV, evaluate_run, summarize, write_eval_csv
 from icl_core.train import (
     CHECKPOINT,
@@ -141,7 +141,7 @@ def _restore(work: Path, store: CheckpointStore, key: str) -> str:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             src = Path(d) / key
-            if (src / CHECKPOINT).exists() and (not from_store or _step(src) >= _step(work)):
+            if (src / CHECKPOINT).exists() and (not from_store or _step(src) >= _step(work, default=-1)):
                 for name in STORE_FILES:
                     if (src / name).exists():
                         shutil.copy2(src / name, work / name)
@@ -149,8 +149,14 @@ def _restore(work: Path, store: CheckpointStore, key: str) -> str:
     return "store" if from_store else "fresh"
 
 
-def _step(folder: Path) -> int:
-    return load_checkpoint(folder / CHECKPOINT)["step"]
+def _step(folder: Path, default: int | None = None) -> int:
+    """The step of a folder's checkpoint; `default` where it cannot be read (if given)."""
+    try:
+        return load_checkpoint(folder / CHECKPOINT)["step"]
+    except ConfigError:
+        if default is None:
+            raise
+        return default
 
 
 def _backfill_metrics(client: MlflowClient, run_id: str, metrics_csv: Path, upto: int) -> None:
@@ -243,11 +249,18 @@ class TrialPayload:
 def run_trial(config: dict[str, Any], bundles: Sequence[tuple[TrialPayload, ...]]) -> None:
     """Ray Tune entry point: `config["trial"]` indexes the bundles the driver built for this round. A bundle of one
     trains alone (with its config's step options), a larger one as one bundled model (icl_core.bundle)."""
-    members = bundles[config["trial"]]
+    first = bundles[config["trial"]][0]
+    client = MlflowClient(first.tracking_uri)
+    # A retried bundle leaves alone the members an earlier attempt finished (evaluated and logged once).
+    done = tr.finished_hashes(client, first.experiment_id, first.sweep)
+    members = tuple(t for t in bundles[config["trial"]] if t.hash not in done)
+    if not members:
+        tune.report({"step": first.config.train.steps, "progress": 1.0, "iclmix_failed": 0,
+                     "iclmix_failed_members": "{}"})
+        return
     first = members[0]
     torch.set_num_threads(max(1, int(first.cpus)))
     device, device_tags = claim_device(first.gpus, first.config.train.device)
-    client = MlflowClient(first.tracking_uri)
     store = CheckpointStore(first.store)
     works = {t.hash: Path(tempfile.mkdtemp(prefix=f"iclmix-{t.hash}-")) for t in members}
     run_ids: dict[str, str] = {}  # hash -> MLflow run of each member started here
@@ -356,8 +369,9 @@ def _train_bundled(group: Sequence[TrialPayload], works: dict[str, Path], store:
         callbacks=[_member_callbacks(t, store, b) for t, b in zip(group, buffers, strict=True)],
         on_checkpoint=reporter.report,
     )
-    for b in buffers:
-        b.flush()
+    for b, r in zip(buffers, results, strict=True):
+        if not isinstance(r, NonFiniteLossError):  # a frozen member's rows past its checkpoint are trained again
+            b.flush()
     return {t.hash: r for t, r in zip(group, results, strict=True)}
 
 

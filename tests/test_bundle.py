@@ -67,6 +67,19 @@ class Killed(Exception):
     """Stands for a kill right after the checkpoint at step 25."""
 
 
+class LoggedSteps:
+    """Records the steps a run logs (a resumed run must start logging at 26, not at 1)."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def on_log(self, step: int, metrics: dict) -> None:
+        self.steps.append(step)
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict) -> None:
+        pass
+
+
 class KillAt25:
     def on_log(self, step: int, metrics: dict) -> None:
         pass
@@ -86,19 +99,23 @@ def test_a_killed_bundle_resumes_as_a_bundle_or_as_solo_runs_and_solo_runs_as_a_
         with pytest.raises(Killed):  # the last member's hook fires after every member saved step 25
             train_bundle(cfgs, dirs, callbacks=[(), (), (KillAt25(),)], progress=False)
         assert [load_checkpoint(d / "checkpoint.pt")["step"] for d in dirs] == [25, 25, 25]
+        logged = [LoggedSteps() for _ in dirs]
         if name == "bundle_then_bundle":
-            train_bundle(cfgs, dirs, resume=True, progress=False)
+            train_bundle(cfgs, dirs, resume=True, progress=False, callbacks=[[log] for log in logged])
         else:
-            for cfg, d in zip(cfgs, dirs, strict=True):
-                train(cfg, d, resume=True, progress=False)
+            for cfg, d, log in zip(cfgs, dirs, logged, strict=True):
+                train(cfg, d, resume=True, progress=False, callbacks=[log])
         for k, d in enumerate(dirs):
+            assert logged[k].steps == list(range(26, STEPS + 1))  # resumed at its checkpoint, not retrained
             assert_same_run(d, tmp_path / f"s{k}")
     dirs = [tmp_path / "solo_then_bundle" / str(k) for k in range(3)]
     for cfg, d in zip(cfgs, dirs, strict=True):
         with pytest.raises(Killed):
             train(cfg, d, callbacks=[KillAt25()], progress=False)
-    train_bundle(cfgs, dirs, resume=True, progress=False)
+    logged = [LoggedSteps() for _ in dirs]
+    train_bundle(cfgs, dirs, resume=True, progress=False, callbacks=[[log] for log in logged])
     for k, d in enumerate(dirs):
+        assert logged[k].steps == list(range(26, STEPS + 1))
         assert_same_run(d, tmp_path / f"s{k}")
 
 
