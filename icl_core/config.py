@@ -204,15 +204,17 @@ _MEMORY_INPUTS: dict[str, tuple[tuple[str, float], ...]] = {
 }
 
 
-def memory_problem(cfg: RunConfig, limit_bytes: float, limit: str) -> tuple[str, str] | None:
-    """(field, message) when the memory estimate of `cfg` is over `limit_bytes`, described as `limit`."""
-    parts = memory_estimate(cfg)
+def memory_problem(cfg: RunConfig, limit_bytes: float, limit: str, members: int = 1) -> tuple[str, str] | None:
+    """(field, message) when the memory estimate of `cfg` (times `members`, a bundle's size) is over
+    `limit_bytes`, described as `limit`."""
+    parts = {k: v * members for k, v in memory_estimate(cfg).items()}
     total = sum(parts.values())
     if total <= limit_bytes:
         return None
     what = ", ".join(f"{k} {v / 2**30:.3g}" for k, v in parts.items())
-    field = _memory_culprit(cfg, max(parts, key=parts.__getitem__))
-    return field, f"a trial would need about {total / 2**30:.3g} GiB ({what}), over {limit}"
+    field = _memory_culprit(cfg, max(parts, key=parts.__getitem__)) if members == 1 else "resources.bundle"
+    trial = "a trial" if members == 1 else f"a trial of {members} bundled configs"
+    return field, f"{trial} would need about {total / 2**30:.3g} GiB ({what}), over {limit}"
 
 
 def _memory_culprit(cfg: RunConfig, part: str) -> str:

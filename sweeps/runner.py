@@ -28,7 +28,17 @@ from icl_core.config import ConfigError, check_writable_folder, memory_estimate,
 from . import layout
 from . import tracking as tr
 from .reaper import start_reaper, stop_reaper
-from .spec import SweepSpec, Trial, axis_values, duration_text, load_sweep, resolve, trial_count, value_label
+from .spec import (
+    SweepSpec,
+    Trial,
+    axis_values,
+    bundle_size,
+    duration_text,
+    load_sweep,
+    resolve,
+    trial_count,
+    value_label,
+)
 
 if TYPE_CHECKING:
     from .trial import TrialPayload
@@ -373,7 +383,7 @@ def local_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def check_local_fit(cpu: float, gpu: float, trials: list[Trial]) -> None:
+def check_local_fit(cpu: float, gpu: float, trials: list[Trial], members: int = 1) -> None:
     """The private local runtime has only this machine's CPUs, GPUs and memory: a trial asking for more would
     wait forever or die in an allocation. (A cluster may bring bigger nodes up: `--address` waits for one.)"""
     import psutil
@@ -382,9 +392,10 @@ def check_local_fit(cpu: float, gpu: float, trials: list[Trial]) -> None:
     if gpu == 0 and trials:  # a CPU trial holds its whole estimate in this machine's memory
         ram = psutil.virtual_memory().total
         largest = max(trials, key=lambda t: sum(memory_estimate(t.config).values()))
-        problem = memory_problem(largest.config, ram, f"this machine's {ram / 2**30:.3g} GiB")
+        problem = memory_problem(largest.config, ram, f"this machine's {ram / 2**30:.3g} GiB", members)
         if problem:
-            raise ConfigError(f"grid cell [{largest.cell.label}]: {problem[0]}", problem[1])
+            raise ConfigError(problem[0] if members > 1 else f"grid cell [{largest.cell.label}]: {problem[0]}",
+                              problem[1])
 
     cpus, gpus = local_cpus(), torch.cuda.device_count()
     if cpu > cpus:
@@ -514,7 +525,7 @@ def run_sweep(
         address = "auto"  # submitted with `ray job submit`
     # Everything a sweep needs from outside is checked here, in seconds, before Ray starts or a file is written.
     if address is None:
-        check_local_fit(spec.resources.cpu, spec.resources.gpu, trials)
+        check_local_fit(spec.resources.cpu, spec.resources.gpu, trials, bundle_size(spec, trials))
     else:
         fit_wait = fit_timeout()
         check_ray_address(address)

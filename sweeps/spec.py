@@ -20,7 +20,17 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from analysis.checks import validate_checks
-from icl_core.config import MAX_SEED, RunConfig, config_hash, read_yaml, set_dotted, validate_run_config
+from icl_core.config import (
+    MAX_SEED,
+    MAX_TRIAL_GIB,
+    RunConfig,
+    config_hash,
+    memory_estimate,
+    memory_problem,
+    read_yaml,
+    set_dotted,
+    validate_run_config,
+)
 from icl_core.errors import ConfigError, Strict, from_validation_error
 from icl_core.families import build_family, canonical_specs
 
@@ -283,7 +293,25 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, list[Trial]]:
     spec = validate_sweep(read_yaml(path), str(path))
     trials = expand(spec)
     check_names(spec, trials)
+    check_bundle_memory(spec, trials)
     return spec, trials
+
+
+def bundle_size(spec: SweepSpec, trials: list[Trial]) -> int:
+    """The most configs one Ray trial trains at once."""
+    return max(1, min(spec.resources.bundle, len(trials)))
+
+
+def check_bundle_memory(spec: SweepSpec, trials: list[Trial]) -> None:
+    """A bundle holds its members' memory at once: the per-trial limit applies to the whole bundle."""
+    members = bundle_size(spec, trials)
+    if members == 1:
+        return
+    largest = max(trials, key=lambda t: sum(memory_estimate(t.config).values()))
+    problem = memory_problem(largest.config, MAX_TRIAL_GIB * 2**30, f"the {MAX_TRIAL_GIB:g} GiB limit per trial",
+                             members)
+    if problem:
+        raise ConfigError(*problem)
 
 
 def tune_metrics(trials: list[Trial]) -> list[str]:

@@ -99,6 +99,9 @@ BAD = [
     (sweep(tune={"params": {"train.lrr": {"uniform": [0.1, 0.2]}}}), "train.lrr"),
     (sweep(resources={"cpu": 0}), "resources.cpu"),
     (sweep(resources={"bundle": 0}), "resources.bundle"),
+    # Four paper-size configs at batch 1024 fit the per-trial limit one by one (about 23 GiB), not as one bundle.
+    (sweep(base={"model": {"n_layer": 12, "n_head": 8, "n_embd": 256}, "train": {"steps": 10, "batch_size": 1024}},
+           grid={}, seeds=[0, 1, 2, 3], resources={"bundle": 4}), "resources.bundle"),
     (sweep(checks={"finding": "magic"}), "checks.finding"),
     (sweep(checks={"finding": "model_selection", "family_a": "linear", "family_b": "sparse_linear(nnz=1)",
                    "rel_tol": -0.1}), "checks.rel_tol"),
