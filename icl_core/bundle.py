@@ -53,7 +53,8 @@ SHARED_DATA = ("dim", "n_points", "curriculum")
 
 def bundle_key(cfg: RunConfig) -> str:
     """Runs with equal keys can train as one bundle: the same model, prompt shapes at every step and step count."""
-    data, train = cfg.to_dict()["data"], cfg.to_dict()["train"]
+    full = cfg.to_dict()
+    data, train = full["data"], full["train"]
     return config_hash({
         "model": model_config(cfg).to_dict(),
         "data": {k: data[k] for k in SHARED_DATA},
