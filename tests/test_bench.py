@@ -252,3 +252,47 @@ def test_bundle_benchmark_times_bundled_against_separate_trials_of_the_same_conf
             assert row[f"{name}_model_steps_per_s"] == pytest.approx(row["k"] * 2 / row[f"{name}_s"], rel=0.02)
         assert row["bundled_over_separate"] > 0
     assert "ratio" in r.stdout
+
+
+def test_device_session_rescales_the_twin_with_its_curriculum_and_decay():
+    import yaml
+
+    from bench.device_session import TWIN, rescale
+    from sweeps.spec import expand, validate_sweep
+
+    sweep = yaml.safe_load(TWIN.read_text())
+    assert sweep["resources"]["bundle"] == len(expand(validate_sweep(sweep)))  # the five weights are one bundle
+    half = rescale(sweep, sweep["base"]["train"]["steps"] // 2)
+    train, old = half["base"]["train"], sweep["base"]["train"]
+    assert train["steps"] * 2 == old["steps"] and train["warmup_steps"] * 2 == old["warmup_steps"]
+    assert train["decay_steps"] * 2 == old["decay_steps"]
+    assert {a["interval"] * 2 for a in half["base"]["data"]["curriculum"].values()} == \
+        {a["interval"] for a in sweep["base"]["data"]["curriculum"].values()}
+    for steps in (500, 3_000, 40_000):  # every size the session may pick is a valid sweep, curriculum done by half-way
+        cfg = expand(validate_sweep(rescale(sweep, steps)))[0].config
+        assert cfg.train.steps == steps and 15 * cfg.data.curriculum.dims.interval <= steps // 2
+
+
+@pytest.mark.slow
+def test_device_session_runs_every_stage_at_tiny_size(tmp_path):
+    import tarfile
+
+    import pandas as pd
+    import yaml
+
+    r = subprocess.run([sys.executable, "-m", "bench.device_session", "--tiny", "--out", str(tmp_path),
+                        "--budget-s", "80", "--bench-s", "40", "--reserve-s", "40"],
+                       cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((tmp_path / "device-session.json").read_text())
+    assert summary["bench"]["rc"] == 0 and summary["twin"]["sweep"]["rc"] == 0
+    assert all(summary["twin"][s]["rc"] == 0 for s in ("heatmap", "curves", "report", "export"))
+    assert summary["twin"]["check"]["rc"] in (0, 1)  # a verdict, PASS or FAIL
+    assert "bundle_2" in json.loads((tmp_path / "gpu-bundles.json").read_text())["variants"]
+    twin = yaml.safe_load((tmp_path / "twin.yaml").read_text())  # what ran: the shipped file, rescaled
+    assert twin["base"]["train"]["steps"] == summary["twin"]["steps"] and twin["resources"]["bundle"] == 5
+    frame = pd.read_csv(tmp_path / "twin-frame.csv")
+    assert frame["run_id"].nunique() == 5 and set(frame["estimator"]) >= {"model", "bayes_pretrain"}
+    assert (tmp_path / "twin-check.txt").read_text().strip().splitlines()[-1] in ("PASS", "FAIL")
+    with tarfile.open(tmp_path / "twin-figures.tar.gz") as tar:
+        assert any(n.endswith(".png") and "heatmap" in n for n in tar.getnames())

@@ -1,0 +1,168 @@
+"""One call on a lent GPU (`device`): the bundle benchmark, then finding 1's paper-shaped twin through the product.
+
+Stages, each writing under --out as it ends (a call cut short still brings back what it measured):
+1. `bench.gpu`: one graph-replayed trial, bundles of 1, 4, 16 and 32 and 4 packed eager trials (steps/s, MFU,
+   memory) -> gpu-bundles.json.
+2. The twin's bundle timed on this GPU (`icl_core.bundle.train_bundle`, its own configs), and its train.steps
+   (with the curriculum and the decay) rescaled to the seconds left -> twin.yaml.
+3. `iclmix sweep run twin.yaml`, then `analyze check`, `heatmap`, `curves`, `report` and `export` ->
+   twin-check.txt, twin-frame.csv, twin-figures.tar.gz; device-session.json says what each stage took.
+
+On the device, with the packages of `python -m bench.device_wheels` carried in .devsite:
+
+    mkdir -p /tmp/site && tar -xJf .devsite/site.tar.xz -C /tmp/site && PYTHONPATH=/tmp/site:$PWD \
+    PYTHONUNBUFFERED=1 python3 -m bench.device_session --out $OUT --budget-s 420 2>&1 | tee $OUT/session.log
+
+    python -m bench.device_session --tiny --out DIR     # every stage at tiny size on CPU (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TWIN = ROOT / "sweeps" / "mixture_weights_gpu.yaml"
+BENCH_ARGS = ["--variants", "eager", "loop_graph", "bundle_1", "bundle_4", "bundle_16", "bundle_32",
+              "--share-variant", "eager", "--trials", "4", "--repeats", "1", "--steps", "100"]
+TINY_BENCH_ARGS = ["--tiny", "--device", "cpu", "--variants", "eager", "bundle_1", "bundle_2", "--trials", "2"]
+# The twin at tiny size: the same file and stages on a CPU in about a minute.
+TINY = {"data": {"dim": 3, "n_points": 7, "curriculum": None}, "model": {"n_layer": 1, "n_head": 2, "n_embd": 16},
+        "train": {"batch_size": 16, "device": "cpu"}, "eval": {"n_prompts": 64}}
+
+
+def rescale(sweep: dict, steps: int) -> dict:
+    """The sweep with train.steps = `steps`: warm-up, decay, checkpoints and curriculum keep their share of it."""
+    out = copy.deepcopy(sweep)
+    base = out["base"]
+    old = base["train"]["steps"]
+    train = base["train"]
+    train["steps"] = steps
+    train["warmup_steps"] = max(1, train.get("warmup_steps", 0) * steps // old)
+    if train.get("schedule") == "wsd":
+        train["decay_steps"] = max(1, train["decay_steps"] * steps // old)
+    train["checkpoint_every"] = max(1, train["checkpoint_every"] * steps // old)
+    train["log_every"] = min(train.get("log_every", 10), max(1, steps // 20))
+    for axis in (base["data"].get("curriculum") or {}).values():
+        axis["interval"] = max(1, axis["interval"] * steps // old)
+    return out
+
+
+def shrink(sweep: dict) -> dict:
+    """The sweep at tiny size for a CPU (the --tiny smoke run)."""
+    out = copy.deepcopy(sweep)
+    for section, values in TINY.items():
+        out["base"].setdefault(section, {}).update(values)
+    if out["base"]["data"]["curriculum"] is None:
+        del out["base"]["data"]["curriculum"]
+    out["resources"] = {**out["resources"], "gpu": 0}
+    return out
+
+
+def step_seconds(sweep: dict, short: int, long: int) -> float:
+    """Seconds per step of the sweep's bundle on this machine: `long` against `short` steps (start-up cancels)."""
+    from icl_core.bundle import train_bundle
+    from sweeps.spec import expand, validate_sweep
+
+    def timed(steps: int) -> float:
+        s = copy.deepcopy(sweep)
+        s["base"]["train"].update(steps=steps, schedule="constant", warmup_steps=0, decay_steps=0,
+                                  checkpoint_every=steps, log_every=steps)
+        s["base"]["data"].pop("curriculum", None)  # the full-size prompts: the step time the run ends with
+        cfgs = [t.config for t in expand(validate_sweep(s))]
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            train_bundle(cfgs, [Path(d) / str(i) for i in range(len(cfgs))], progress=False)
+            return time.perf_counter() - t0
+
+    timed(short)  # warm-up: CUDA context, kernels' first launches
+    return (timed(long) - timed(short)) / (long - short)
+
+
+def run(cmd: list[str], timeout: float) -> dict:
+    """Run a stage's command (its output into ours) with a deadline; its exit status and seconds."""
+    t0 = time.monotonic()
+    print("$ " + " ".join(cmd), flush=True)
+    try:
+        rc: int | str = subprocess.run(cmd, cwd=ROOT, timeout=max(1.0, timeout)).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    return {"rc": rc, "seconds": round(time.monotonic() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.device_session", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="where the results go ($OUT on the device)")
+    p.add_argument("--budget-s", type=float, default=420, help="seconds for every stage together")
+    p.add_argument("--bench-s", type=float, default=150, help="the benchmark's share of them")
+    p.add_argument("--reserve-s", type=float, default=100,
+                   help="seconds kept for the sweep's start, its evaluation and the analysis")
+    p.add_argument("--tiny", action="store_true", help="every stage at tiny size on CPU")
+    a = p.parse_args(argv)
+    deadline = time.monotonic() + a.budget_s
+    out, work = Path(a.out), Path(tempfile.mkdtemp(prefix="iclmix-device-"))
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "budget_s": a.budget_s, "tiny": a.tiny}
+
+    def save() -> None:
+        (out / "device-session.json").write_text(json.dumps(summary, indent=2))
+
+    import torch
+
+    summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    py = sys.executable
+    bench_args = TINY_BENCH_ARGS if a.tiny else BENCH_ARGS
+    summary["bench"] = run([py, "-m", "bench.gpu", *bench_args, "--json", str(out / "gpu-bundles.json")],
+                           min(a.bench_s, deadline - time.monotonic() - a.reserve_s))
+    save()
+
+    sweep = yaml.safe_load(TWIN.read_text())
+    if a.tiny:
+        sweep = shrink(sweep)
+    t0 = time.monotonic()
+    seconds = step_seconds(sweep, *((2, 6) if a.tiny else (5, 45)))
+    left = deadline - time.monotonic() - a.reserve_s
+    steps = max(20 if a.tiny else 500, int(0.85 * left / seconds) // 10 * 10)
+    twin = rescale(sweep, steps)
+    (out / "twin.yaml").write_text(f"# {TWIN.name} rescaled by bench.device_session to the seconds it had\n"
+                                   + yaml.safe_dump(twin, sort_keys=False))
+    summary["twin"] = {"bundle": twin["resources"].get("bundle", 1),
+                       "step_seconds": round(seconds, 5), "timing_s": round(time.monotonic() - t0, 1),
+                       "train_s_planned": round(steps * seconds, 1), "steps": steps}
+    save()
+    print(f"twin: {seconds * 1e3:.1f} ms per bundle step; {steps} steps in the {left:.0f} s left", flush=True)
+
+    store = work / "runs"
+    summary["twin"]["sweep"] = run([py, "-m", "iclmix", "sweep", "run", str(out / "twin.yaml"), "--storage",
+                                    str(store)], deadline - time.monotonic() + 60)
+    save()
+    uri = f"sqlite:///{store / twin['name'] / 'mlflow.db'}"
+    figures = work / "figures"
+    for name, args in [("check", ["--out", str(figures)]), ("heatmap", ["--out", str(figures)]),
+                       ("curves", ["--out", str(figures)]), ("report", ["--out", str(figures)]),
+                       ("export", ["--out", str(out / "twin-frame.csv")])]:
+        summary["twin"][name] = run([py, "-m", "iclmix", "analyze", name, "--sweep", twin["name"],
+                                     "--tracking-uri", uri, *args], 120)
+        save()
+    if (figures / "check.txt").exists():
+        (out / "twin-check.txt").write_text((figures / "check.txt").read_text())
+        with tarfile.open(out / "twin-figures.tar.gz", "w:gz") as tar:
+            tar.add(figures, arcname="twin-figures")
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(summary, indent=2), flush=True)
+    stages = [summary["bench"], summary["twin"]["sweep"], summary["twin"]["export"]]
+    return 0 if all(s["rc"] == 0 for s in stages) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
