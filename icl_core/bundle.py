@@ -185,6 +185,7 @@ def train_bundle(
     optimizer = StackedAdamW(model, tc.weight_decay, tc.betas)
     for k in range(K):
         optimizer.load_member(k, _solo_optimizer_state(optimizers[k], members[k]))
+        optimizers[k].state.clear()  # the stacked state is the live one: a solo copy would double Adam's memory
     families = [c.data.family for c in cfgs]
     clip = torch.tensor([c.train.grad_clip for c in cfgs], device=device)
     active = torch.ones(K, dtype=torch.bool, device=device)
@@ -268,5 +269,6 @@ def _save_member(model: BundledTransformer, optimizer: StackedAdamW, k: int, sol
     path = out / CHECKPOINT
     with _write_error("checkpoint", path):
         _save(out, solo, solo_optimizer, gen, step, cfg, extra, last)
+    solo_optimizer.state.clear()  # written; kept, it would hold a second copy of the member's Adam state
     for cb in callbacks:
         cb.on_checkpoint(step, path, last)
