@@ -145,7 +145,8 @@ def train_bundle(
     on_checkpoint: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[TrainResult | NonFiniteLossError]:
     """Train `cfgs` as one bundle, member k into `out_dirs[k]`; per member its TrainResult, or the
-    NonFiniteLossError that froze it. Members resumed from their checkpoints must stand at one step.
+    NonFiniteLossError that froze it. Members resumed at different steps (a kill between their saves) start
+    together: the ones ahead wait, unchanged and drawing no prompts, until the others reach their step.
 
     `callbacks[k]` follow member k; `on_checkpoint(step, {"loss": mean over the active members})` runs once per
     checkpoint step, after every active member saved."""
@@ -172,14 +173,11 @@ def train_bundle(
         if path.exists():
             starts[k], saved, lasts[k] = _resume(path, cfg, members[k], optimizers[k], gens[k], device, False)
             extras[k] = {**saved, **extras[k]}
-    if len(set(starts)) > 1:
-        raise ConfigError("--resume", f"bundle members checkpointed at different steps {starts}; "
-                                      "resume them in bundles of one step each")
-    for cfg, out in zip(cfgs, outs, strict=True):
+    for cfg, out, begin in zip(cfgs, outs, starts, strict=True):
         out.mkdir(parents=True, exist_ok=True)
         with _write_error("--out", out / CONFIG):
             atomic_write_text(out / CONFIG, dump_yaml(cfg))
-        _truncate_metrics(out / METRICS, starts[0])
+        _truncate_metrics(out / METRICS, begin)
 
     model = BundledTransformer(members)
     optimizer = StackedAdamW(model, tc.weight_decay, tc.betas)
@@ -188,13 +186,14 @@ def train_bundle(
         optimizers[k].state.clear()  # the stacked state is the live one: a solo copy would double Adam's memory
     families = [c.data.family for c in cfgs]
     clip = torch.tensor([c.train.grad_clip for c in cfgs], device=device)
-    active = torch.ones(K, dtype=torch.bool, device=device)
+    active = torch.ones(K, dtype=torch.bool, device=device)  # not frozen
+    begins = torch.tensor(starts, device=device)
     first_bad = torch.zeros(K, dtype=torch.long, device=device)
     bad_loss = torch.zeros(K, device=device)
     errors: dict[int, NonFiniteLossError] = {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
-    step = starts[0]
+    step = min(starts)
     start = time.perf_counter()
     bar = _progress_bar(tc.steps, step, progress)
     data = cfgs[0].data
@@ -204,21 +203,26 @@ def train_bundle(
         while step < tc.steps and len(errors) < K:
             lr = [lr_at(step, c.train) for c in cfgs]
             n_dims, n_points = data.dims_at(step), data.points_at(step)
+            waiting = ((torch.zeros(tc.batch_size, n_points, data.dim, device=device),
+                        torch.zeros(tc.batch_size, n_points, device=device)) if step < max(starts) else None)
             prompts = [sample_prompts(f, tc.batch_size, n_points, data.dim, g, c.data.noise_std, n_dims)
-                       for f, g, c in zip(families, gens, cfgs, strict=True)]
+                       if begin <= step else waiting  # a member ahead keeps its data stream for its own step
+                       for f, g, c, begin in zip(families, gens, cfgs, starts, strict=True)]
             xs, ys = torch.stack([p[0] for p in prompts]), torch.stack([p[1] for p in prompts])
+            running = active & (begins <= step)
             with autocast:
                 pred = model(xs, ys)
             losses = (pred.float() - ys).square().mean(dim=(1, 2))
             model.zero_grad(set_to_none=True)
             losses.sum().backward()
             finite = torch.isfinite(losses.detach())
-            first_bad = torch.where(active & ~finite, step + 1, first_bad)
-            bad_loss = torch.where(active & ~finite, losses.detach(), bad_loss)
-            active &= finite
+            first_bad = torch.where(running & ~finite, step + 1, first_bad)
+            bad_loss = torch.where(running & ~finite, losses.detach(), bad_loss)
+            active &= finite | ~running
             clip_per_member(model, clip)
-            optimizer.step(torch.tensor(lr, device=device), active)
+            optimizer.step(torch.tensor(lr, device=device), running & finite)
             step += 1
+            trained = [k for k in range(K) if starts[k] < step]  # members that took this step
 
             log_now = step % tc.log_every == 0 or step == 1 or step == tc.steps
             save_now = step % tc.checkpoint_every == 0 or step == tc.steps
@@ -227,7 +231,7 @@ def train_bundle(
                     errors.setdefault(k, NonFiniteLossError(int(first_bad[k]), float(bad_loss[k])))
             if log_now:
                 values = losses.tolist()
-                for k in range(K):
+                for k in trained:
                     if k in errors:
                         continue
                     lasts[k] = {"loss": values[k], "lr": lr[k], "n_dims": n_dims, "n_points": n_points}
@@ -236,18 +240,18 @@ def train_bundle(
                     for cb in callbacks[k]:
                         cb.on_log(step, lasts[k])
                 if bar is not None:
-                    bar.set_postfix(loss=f"{sum(values) / K:.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{sum(values[k] for k in trained) / len(trained):.4f}", refresh=False)
             if bar is not None:
                 bar.update(1)
             if save_now:
-                for k in range(K):
-                    if k not in errors:
-                        os.fsync(handles[k].fileno())  # rows up to the checkpoint must survive a kill
-                        _save_member(model, optimizer, k, members[k], optimizers[k], gens[k], step, cfgs[k],
-                                     outs[k], extras[k], lasts[k], callbacks[k])
-                if on_checkpoint is not None and len(errors) < K:
-                    saved = [lasts[k]["loss"] for k in range(K) if k not in errors and "loss" in lasts[k]]
-                    on_checkpoint(step, {"loss": sum(saved) / len(saved)} if saved else {})
+                saved = [k for k in trained if k not in errors]
+                for k in saved:
+                    os.fsync(handles[k].fileno())  # rows up to the checkpoint must survive a kill
+                    _save_member(model, optimizer, k, members[k], optimizers[k], gens[k], step, cfgs[k],
+                                 outs[k], extras[k], lasts[k], callbacks[k])
+                if on_checkpoint is not None and saved:
+                    saved_losses = [lasts[k]["loss"] for k in saved if "loss" in lasts[k]]
+                    on_checkpoint(step, {"loss": sum(saved_losses) / len(saved_losses)} if saved_losses else {})
     if bar is not None:
         bar.close()
     results: list[TrainResult | NonFiniteLossError] = []

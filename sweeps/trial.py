@@ -266,14 +266,12 @@ def run_trial(config: dict[str, Any], bundles: Sequence[tuple[TrialPayload, ...]
     run_ids: dict[str, str] = {}  # hash -> MLflow run of each member started here
     ended: set[str] = set()  # members whose MLflow run this trial ended
     try:
-        starts = {t.hash: _start_member(t, client, store, works[t.hash], device_tags, run_ids) for t in members}
-        results: dict[str, TrainResult | NonFiniteLossError] = {}
+        for t in members:
+            _start_member(t, client, store, works[t.hash], device_tags, run_ids)
         if len(members) == 1:
-            results[first.hash] = _train_alone(first, works[first.hash], store, client, run_ids[first.hash])
-        else:
-            for step in sorted(set(starts.values())):  # members resumed at one step train together
-                group = [t for t in members if starts[t.hash] == step]
-                results.update(_train_bundled(group, works, store, client, run_ids))
+            results = {first.hash: _train_alone(first, works[first.hash], store, client, run_ids[first.hash])}
+        else:  # members resumed at different steps train together once the ones behind catch up
+            results = _train_bundled(members, works, store, client, run_ids)
         failed, summaries = {}, []
         for t in members:
             result = results[t.hash]
@@ -305,8 +303,8 @@ def run_trial(config: dict[str, Any], bundles: Sequence[tuple[TrialPayload, ...]
 
 
 def _start_member(t: TrialPayload, client: MlflowClient, store: CheckpointStore, work: Path,
-                  device_tags: dict[str, str], run_ids: dict[str, str]) -> int:
-    """Restore the member's checkpoint, open (or reopen) its MLflow run with tags, params and config; its step."""
+                  device_tags: dict[str, str], run_ids: dict[str, str]) -> None:
+    """Restore the member's checkpoint, open (or reopen) its MLflow run with tags, params and config."""
     source = _restore(work, store, t.hash)
     resumed_step, run_id = 0, None
     if (work / CHECKPOINT).exists():
@@ -333,7 +331,6 @@ def _start_member(t: TrialPayload, client: MlflowClient, store: CheckpointStore,
     client.log_artifact(run_id, str(work / CONFIG))
     if source != "fresh":
         _backfill_metrics(client, run_id, work / METRICS, resumed_step)
-    return resumed_step
 
 
 def _member_callbacks(t: TrialPayload, store: CheckpointStore, buffer: tr.MetricBuffer,

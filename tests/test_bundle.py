@@ -119,6 +119,28 @@ def test_a_killed_bundle_resumes_as_a_bundle_or_as_solo_runs_and_solo_runs_as_a_
         assert_same_run(d, tmp_path / f"s{k}")
 
 
+def test_members_at_different_steps_resume_as_one_bundle_the_ones_ahead_waiting(tmp_path):
+    """A kill between members' saves leaves them at different steps: they still train as one bundle, each
+    resuming at its own checkpoint, and each ends as its solo run."""
+    torch.set_num_threads(1)
+    cfgs = three_members()
+    for k, cfg in enumerate(cfgs):
+        train(cfg, tmp_path / f"s{k}", progress=False)
+    dirs = [tmp_path / "staggered" / str(k) for k in range(3)]
+    with pytest.raises(Killed):
+        train(cfgs[0], dirs[0], callbacks=[KillAt25()], progress=False)  # at step 25
+    train(cfgs[2], dirs[2], progress=False)  # done training (killed while evaluating, say); member 1 is fresh
+    logged = [LoggedSteps() for _ in dirs]
+    results = train_bundle(cfgs, dirs, resume=True, progress=False, callbacks=[[log] for log in logged])
+    assert [log.steps for log in logged] == [list(range(26, STEPS + 1)), list(range(1, STEPS + 1)), []]
+    for k, d in enumerate(dirs):
+        assert results[k].step == STEPS
+        assert_same_run(d, tmp_path / f"s{k}")
+        want = load_model(d)[0].state_dict()  # what evaluation gets is what was saved
+        for name, value in results[k].model.state_dict().items():
+            torch.testing.assert_close(value, want[name], rtol=0, atol=0, msg=name)
+
+
 def test_a_member_whose_loss_turns_non_finite_is_frozen_and_the_others_go_on(tmp_path):
     torch.set_num_threads(1)
     cfgs = three_members()
