@@ -239,8 +239,9 @@ def train_bundle(
                     handles[k].flush()
                     for cb in callbacks[k]:
                         cb.on_log(step, lasts[k])
-                if bar is not None:
-                    bar.set_postfix(loss=f"{sum(values[k] for k in trained) / len(trained):.4f}", refresh=False)
+                shown = [values[k] for k in trained if k not in errors]
+                if bar is not None and shown:
+                    bar.set_postfix(loss=f"{sum(shown) / len(shown):.4f}", refresh=False)
             if bar is not None:
                 bar.update(1)
             if save_now:
@@ -252,6 +253,13 @@ def train_bundle(
                 if on_checkpoint is not None and saved:
                     saved_losses = [lasts[k]["loss"] for k in saved if "loss" in lasts[k]]
                     on_checkpoint(step, {"loss": sum(saved_losses) / len(saved_losses)} if saved_losses else {})
+            if log_now or save_now:  # where frozen members are known: skip the steps no live member takes
+                alive = [k for k in range(K) if k not in errors]
+                if alive and all(starts[k] >= step for k in alive):  # the live ones all wait ahead, or are done
+                    ahead = min(min(starts[k] for k in alive), tc.steps)
+                    if bar is not None:
+                        bar.update(ahead - step)
+                    step = ahead
     if bar is not None:
         bar.close()
     results: list[TrainResult | NonFiniteLossError] = []

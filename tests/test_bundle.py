@@ -154,6 +154,24 @@ def test_a_member_whose_loss_turns_non_finite_is_frozen_and_the_others_go_on(tmp
         assert_same_run(tmp_path / f"b{k}", tmp_path / f"s{k}")
 
 
+def test_a_bundle_whose_training_members_froze_stops_instead_of_idling_to_the_end(tmp_path, monkeypatch):
+    import icl_core.bundle as bundle
+
+    torch.set_num_threads(1)
+    done = three_members()[0]
+    train(done, tmp_path / "done", progress=False)
+    blowup = validate_run_config(member(1, SPARSE, lr=1e30, grad_clip=0.0))
+    draws = []
+    sample = bundle.sample_prompts
+    monkeypatch.setattr(bundle, "sample_prompts", lambda *a, **kw: draws.append(1) or sample(*a, **kw))
+    results = train_bundle([done, blowup], [tmp_path / "done", tmp_path / "blowup"], resume=True, progress=False)
+    assert isinstance(results[1], NonFiniteLossError) and results[0].step == STEPS
+    assert len(draws) <= results[1].step + 1  # no batches drawn once the only training member froze
+    want = load_model(tmp_path / "done")[0].state_dict()
+    for name, value in results[0].model.state_dict().items():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=0, msg=name)
+
+
 def test_runs_of_different_shapes_do_not_bundle(tmp_path):
     a = validate_run_config(member(0, DENSE))
     b = validate_run_config(member(1, DENSE, batch_size=16))
