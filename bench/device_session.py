@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -35,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TWIN = ROOT / "sweeps" / "mixture_weights_gpu.yaml"
 BENCH_ARGS = ["--variants", "eager", "loop_graph", "bundle_1", "bundle_4", "bundle_16", "bundle_32",
               "--share-variant", "eager", "--trials", "4", "--repeats", "1", "--steps", "100"]
+GRACE_S = 45  # past the budget, for the analysis: the device call's timeout is the budget + 60 s
 TINY_BENCH_ARGS = ["--tiny", "--device", "cpu", "--variants", "eager", "bundle_1", "bundle_2", "--trials", "2"]
 # The twin at tiny size: the same file and stages on a CPU in about a minute.
 TINY = {"data": {"dim": 3, "n_points": 7, "curriculum": None}, "model": {"n_layer": 1, "n_head": 2, "n_embd": 16},
@@ -69,34 +73,39 @@ def shrink(sweep: dict) -> dict:
     return out
 
 
-def step_seconds(sweep: dict, short: int, long: int) -> float:
-    """Seconds per step of the sweep's bundle on this machine: `long` against `short` steps (start-up cancels)."""
+def step_seconds(sweep: dict, steps: int) -> float:
+    """Seconds per step of the sweep's bundle on this machine, from its own log: step 1 to `steps`, so that
+    building the models and writing checkpoints do not count."""
     from icl_core.bundle import train_bundle
+    from icl_core.train import METRICS
     from sweeps.spec import expand, validate_sweep
 
-    def timed(steps: int) -> float:
-        s = copy.deepcopy(sweep)
-        s["base"]["train"].update(steps=steps, schedule="constant", warmup_steps=0, decay_steps=0,
-                                  checkpoint_every=steps, log_every=steps)
-        s["base"]["data"].pop("curriculum", None)  # the full-size prompts: the step time the run ends with
-        cfgs = [t.config for t in expand(validate_sweep(s))]
-        with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter()
-            train_bundle(cfgs, [Path(d) / str(i) for i in range(len(cfgs))], progress=False)
-            return time.perf_counter() - t0
-
-    timed(short)  # warm-up: CUDA context, kernels' first launches
-    return (timed(long) - timed(short)) / (long - short)
+    s = copy.deepcopy(sweep)
+    s["base"]["train"].update(steps=steps, schedule="constant", warmup_steps=0, decay_steps=0,
+                              checkpoint_every=steps, log_every=steps)
+    s["base"]["data"].pop("curriculum", None)  # the full-size prompts: the step time the run ends with
+    cfgs = [t.config for t in expand(validate_sweep(s))]
+    with tempfile.TemporaryDirectory() as d:
+        train_bundle(cfgs, [Path(d) / f"w{i}" for i in range(len(cfgs))], progress=False)  # CUDA's first launches
+        train_bundle(cfgs, [Path(d) / f"t{i}" for i in range(len(cfgs))], progress=False)
+        with open(Path(d) / "t0" / METRICS) as f:
+            rows = {int(r["step"]): float(r["time_s"]) for r in csv.DictReader(f)}
+    return max(1e-4, (rows[steps] - rows[1]) / (steps - 1))
 
 
 def run(cmd: list[str], timeout: float) -> dict:
-    """Run a stage's command (its output into ours) with a deadline; its exit status and seconds."""
+    """Run a stage's command (its output into ours) with a deadline, and at the deadline every process it started
+    (benchmark workers, Ray, the MLflow server); its exit status and seconds."""
     t0 = time.monotonic()
     print("$ " + " ".join(cmd), flush=True)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the session's own sqlite store
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
     try:
-        rc: int | str = subprocess.run(cmd, cwd=ROOT, timeout=max(1.0, timeout)).returncode
+        rc: int | str = proc.wait(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
         rc = "timeout"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     return {"rc": rc, "seconds": round(time.monotonic() - t0, 1)}
 
 
@@ -131,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.tiny:
         sweep = shrink(sweep)
     t0 = time.monotonic()
-    seconds = step_seconds(sweep, *((2, 6) if a.tiny else (5, 45)))
+    seconds = step_seconds(sweep, 6 if a.tiny else 40)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the sweep's trial is another process: leave it the card
     left = deadline - time.monotonic() - a.reserve_s
     steps = max(20 if a.tiny else 500, int(0.85 * left / seconds) // 10 * 10)
     twin = rescale(sweep, steps)
@@ -145,21 +156,22 @@ def main(argv: list[str] | None = None) -> int:
 
     store = work / "runs"
     summary["twin"]["sweep"] = run([py, "-m", "iclmix", "sweep", "run", str(out / "twin.yaml"), "--storage",
-                                    str(store)], deadline - time.monotonic() + 60)
+                                    str(store)], deadline + 15 - time.monotonic())
     save()
     uri = f"sqlite:///{store / twin['name'] / 'mlflow.db'}"
     figures = work / "figures"
     if summary["twin"]["sweep"]["rc"] not in (0, 1):  # 1: some trial failed, the others are there to look at
         shutil.rmtree(work, ignore_errors=True)
         return 1
-    for name, args in [("check", ["--out", str(figures)]), ("heatmap", ["--out", str(figures)]),
-                       ("curves", ["--out", str(figures)]), ("report", ["--out", str(figures)]),
-                       ("export", ["--out", str(out / "twin-frame.csv")])]:
+    for name, args in [("check", ["--out", str(figures)]), ("export", ["--out", str(out / "twin-frame.csv")]),
+                       ("heatmap", ["--out", str(figures)]), ("curves", ["--out", str(figures)]),
+                       ("report", ["--out", str(figures)])]:  # the verdict first: the call may end any time now
         summary["twin"][name] = run([py, "-m", "iclmix", "analyze", name, "--sweep", twin["name"],
-                                     "--tracking-uri", uri, *args], 120)
+                                     "--tracking-uri", uri, *args], min(90.0, deadline + GRACE_S - time.monotonic()))
         save()
-    if (figures / "check.txt").exists():
-        (out / "twin-check.txt").write_text((figures / "check.txt").read_text())
+        if name == "check" and (figures / "check.txt").exists():
+            (out / "twin-check.txt").write_text((figures / "check.txt").read_text())
+    if figures.exists():
         with tarfile.open(out / "twin-figures.tar.gz", "w:gz") as tar:
             tar.add(figures, arcname="twin-figures")
     shutil.rmtree(work, ignore_errors=True)

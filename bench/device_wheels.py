@@ -9,7 +9,7 @@ Versions are this checkout's `.venv` (the ones the test suite passed with).
 
     python -m bench.device_wheels [--dest .devsite] [--python-version 3.12]
 
-then `bash bench/device_session.sh` on the device unpacks it into /tmp/site (carry: [".devsite"]).
+then a device call carrying .devsite unpacks it into /tmp/site for `python -m bench.device_session` (see there).
 """
 
 from __future__ import annotations

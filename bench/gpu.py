@@ -382,11 +382,12 @@ def main(argv: list[str] | None = None) -> int:
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)
             Path(a.json).write_text(json.dumps(res, indent=2))
 
-    res["variants"] = variants_table(a.size, device, variants, steps, warmup, a.repeats)
-    for r in res["variants"].values():
-        if "achieved_tflops" in r:
-            r["mfu"] = r["achieved_tflops"] / res["matmul"]["tflops"]
-    save()
+    res["variants"] = {}
+    for v in variants:  # saved one by one: a run cut short keeps the variants it timed
+        res["variants"].update(variants_table(a.size, device, [v], steps, warmup, a.repeats))
+        if "achieved_tflops" in res["variants"][v]:
+            res["variants"][v]["mfu"] = res["variants"][v]["achieved_tflops"] / res["matmul"]["tflops"]
+        save()
     print(f"{a.size} on {res['device']}: steps/s per variant (one process); matmul "
           f"{res['matmul']['dtype']} {res['matmul']['tflops']:.1f} TFLOP/s", flush=True)
     for v, r in res["variants"].items():
