@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -136,12 +136,13 @@ class Progress:
             print(self.line(), flush=True)
 
 
-def _callback(progress: Progress, sizes: Sequence[int]):
-    """Tune's events as the progress line's counts of configs (a Ray trial trains a bundle of `sizes[i]`)."""
+def _callback(progress: Progress, bundles: Sequence[Sequence[str]], finished: Callable[[], set[str]]):
+    """Tune's events as the progress line's counts of configs: Ray trial i trains the configs `bundles[i]` (their
+    hashes); `finished()` gives the hashes MLflow holds as FINISHED, for a trial that errors after some of them."""
     from ray import tune
 
     def size(trial) -> int:
-        return sizes[trial.config["trial"]]
+        return len(bundles[trial.config["trial"]])
 
     class ProgressCallback(tune.Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
@@ -164,7 +165,12 @@ def _callback(progress: Progress, sizes: Sequence[int]):
 
         def on_trial_error(self, iteration, trials, trial, **info):
             progress.running.pop(trial.trial_id, None)
-            progress.failed += size(trial)
+            try:
+                done = len(set(bundles[trial.config["trial"]]) & finished())
+            except Exception:  # MLflow out of reach: the line errs on the side of failure, the exit status does not
+                done = 0
+            progress.done += done
+            progress.failed += size(trial) - done
             progress.emit(force=True)
 
         def on_step_end(self, iteration, trials, **info):
@@ -184,6 +190,7 @@ def group_bundles(payloads: Sequence[TrialPayload], size: int) -> list[tuple[Tri
 
 
 def _run_round(ctx: SweepContext, payloads: list[TrialPayload], progress: Progress, round_name: str) -> None:
+    from mlflow.tracking import MlflowClient
     from ray import tune
 
     from .trial import run_trial
@@ -214,7 +221,9 @@ def _run_round(ctx: SweepContext, payloads: list[TrialPayload], progress: Progre
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[_callback(progress, [len(b) for b in bundles])],
+            callbacks=[_callback(progress, [[t.hash for t in b] for b in bundles],
+                                 lambda: tr.finished_hashes(MlflowClient(ctx.tracking_uri), ctx.experiment_id,
+                                                            spec.name))],
             verbose=0,
         ),
     )

@@ -368,3 +368,30 @@ def test_mlflow_ui_opens_the_sweep_on_its_runs_named_by_what_they_are(tmp_path, 
     for chatter in ("Checkpoint successfully created", "TensorBoard", "Tuner.restore", "View run", "INFO"):
         assert chatter not in out, chatter
     assert len(r.stdout.splitlines()) < 20 and not r.stderr.strip(), out
+
+
+def test_progress_line_counts_a_failed_bundles_finished_members_as_finished(tmp_path):
+    """A bundled Ray trial that errors for good after one member FINISHED (evaluated, its run ended): the live
+    line says 1 finished and 1 failed, as MLflow and the exit status do, not 2 failed."""
+    from ray.tune.experiment import Trial
+
+    from sweeps import layout
+    from sweeps import tracking as tr
+    from sweeps.runner import Progress, _callback
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tr.experiment_id(client, "p")
+    for key, status in (("aaaa", "FINISHED"), ("bbbb", "FAILED")):
+        run_id = tr.ensure_run(client, exp, sweep="p", role="trial", name=key, match={"config_hash": key},
+                               tags={layout.TAG_HASH: key})
+        tr.end_run(client, run_id, status)
+    progress = Progress("p", total=3, already=0)
+    callback = _callback(progress, [("aaaa", "bbbb"), ("cccc",)], lambda: tr.finished_hashes(client, exp, "p"))
+    bundle, solo = Trial("fn", config={"trial": 0}, stub=True), Trial("fn", config={"trial": 1}, stub=True)
+    for trial in (bundle, solo):
+        callback.on_trial_start(0, [], trial)
+    callback.on_trial_error(0, [], bundle)
+    assert (progress.done, progress.failed) == (1, 1)
+    assert "finished 1/3" in progress.line() and "training 1" in progress.line() and "failed 1" in progress.line()
+    callback.on_trial_error(0, [], solo)  # nothing of it finished
+    assert (progress.done, progress.failed) == (1, 2)
