@@ -397,3 +397,16 @@ def run_check(frame: pd.DataFrame, check: Check) -> CheckResult:
     if not frame["error"].notna().any():
         raise ConfigError("--sweep", "no finished trial with evaluation results yet")
     return CHECKS[type(check)](frame, check)
+
+
+def as_model(frame: pd.DataFrame, estimator: str) -> pd.DataFrame:
+    """The frame with `estimator`'s rows judged in the model's place: what a check says of a learner that became
+    that estimator (bayes_pretrain: each trial's perfect learner, so a check it fails cannot be passed)."""
+    import pandas as pd
+
+    rows = frame[frame["estimator"].astype(str) == estimator]
+    if rows.empty:
+        raise ConfigError("--as", f"estimator {estimator!r} was not evaluated in this sweep")
+    model = rows.assign(estimator="model")
+    return pd.concat([frame[frame["estimator"].astype(str) != "model"], model], ignore_index=True)
+

@@ -55,6 +55,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--file", help="sweep file whose `checks:` to use (default: the one logged with the sweep)")
     k.add_argument("--frame", help="read results from a frame saved by `analyze export` instead of MLflow")
     k.add_argument("--out", help="also write check.txt and check.csv (the numbers per k / task) here")
+    k.add_argument("--as", dest="as_estimator", metavar="ESTIMATOR",
+                   help="judge this estimator in the model's place, e.g. bayes_pretrain: can a perfect learner pass?")
     k.add_argument("--cache", help="artifact cache for remote stores (default: ~/.cache/iclmix/artifacts)")
     k.add_argument("--workers", type=int, default=8, help="parallel artifact downloads (default 8)")
     k.set_defaults(func=cmd_check)
@@ -198,8 +200,13 @@ def _check_spec(args: argparse.Namespace, tracking_uri: str | None):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .checks import run_check
+    from icl_core.estimators import ESTIMATORS
 
+    from .checks import as_model, run_check
+
+    if args.as_estimator is not None and args.as_estimator not in set(ESTIMATORS) - {"model"}:
+        raise ConfigError("--as", f"unknown estimator {args.as_estimator!r}; one of "
+                                  f"{', '.join(e for e in ESTIMATORS if e != 'model')}")
     if args.out:
         check_writable_folder(Path(args.out), "--out")
     if args.frame:
@@ -210,8 +217,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         frame = _load(args)
         uri = frame.attrs["tracking_uri"]
     check = _check_spec(args, uri)
+    if args.as_estimator:
+        frame = as_model(frame, args.as_estimator)
     result = run_check(frame, check)
     text = result.text(args.sweep)
+    if args.as_estimator:
+        text = f"({args.as_estimator} judged in the model's place)\n{text}"
     print(text)
     if args.out:
         out = Path(args.out)

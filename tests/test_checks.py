@@ -47,6 +47,27 @@ def test_cli_check_on_committed_results(name, capsys):
     assert len(out) >= 3  # the numbers behind the verdict
 
 
+def test_check_with_the_perfect_learner_in_the_models_place_says_whether_a_check_can_pass(capsys):
+    """`--as bayes_pretrain`: finding 1's check is one a perfect learner passes; finding 2's, at the twin's d, it
+    fails at nnz = 2, on the least-squares edge of the window (docs/reproduction.md)."""
+    def check(name: str, estimator: str) -> tuple[int, list[str], str]:
+        rc = main(["analyze", "check", "--sweep", name, "--file", str(ROOT / "sweeps" / f"{name}.yaml"),
+                   "--frame", str(FIXTURES / f"{name}.csv.gz"), "--as", estimator])
+        captured = capsys.readouterr()
+        return rc, captured.out.strip().splitlines(), captured.err
+
+    rc, out, _ = check("mixture_weights_cpu", "bayes_pretrain")
+    assert rc == 0 and out[0] == "(bayes_pretrain judged in the model's place)" and out[-1] == "PASS"
+    rc, out, _ = check("sparsity_coverage_cpu", "bayes_pretrain")
+    assert rc == 1 and out[-1] == "FAIL"
+    assert "nnz = 2: model 0.4764" in out[2] and "position (model - lasso) / (ols - lasso) = 1.06, outside" in out[2]
+    rc, out, _ = check("mixture_weights_cpu", "ols")  # least squares knows nothing of sparsity: not the specialist
+    assert rc == 1 and out[-1] == "FAIL"
+    for name, estimator in (("quickstart", "bayes"), ("sine_frequency_cpu", "bayes_pretrain")):
+        rc, out, err = check(name, estimator)  # unknown here, and not evaluated in that sweep
+        assert rc == 2 and err.startswith("iclmix: error: --as: ") and not out
+
+
 def test_check_needs_a_checks_section(capsys, tmp_path):
     no_checks = tmp_path / "no_checks.yaml"
     data = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())
