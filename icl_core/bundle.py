@@ -222,11 +222,11 @@ def train_bundle(
             clip_per_member(model, clip)
             optimizer.step(torch.tensor(lr, device=device), running & finite)
             step += 1
-            trained = [k for k in range(K) if starts[k] < step]  # members that took this step
 
             log_now = step % tc.log_every == 0 or step == 1 or step == tc.steps
             save_now = step % tc.checkpoint_every == 0 or step == tc.steps
             if log_now or save_now:
+                trained = [k for k in range(K) if starts[k] < step]  # members that took this step
                 for k in torch.nonzero(first_bad).flatten().tolist():
                     errors.setdefault(k, NonFiniteLossError(int(first_bad[k]), float(bad_loss[k])))
             if log_now:
