@@ -154,6 +154,45 @@ def test_a_member_whose_loss_turns_non_finite_is_frozen_and_the_others_go_on(tmp
         assert_same_run(tmp_path / f"b{k}", tmp_path / f"s{k}")
 
 
+def test_a_member_frozen_after_its_checkpoint_keeps_that_checkpoint_and_resumes_from_it(tmp_path, monkeypatch):
+    """A blow-up between checkpoints: the frozen member's last good checkpoint stays on disk (later saves of the
+    bundle skip it), its metrics stop before the bad step, and a rerun resumes it there to its solo run's end."""
+    import icl_core.bundle as bundle
+
+    torch.set_num_threads(1)
+    cfgs = three_members()
+    dirs = [tmp_path / f"b{k}" for k in range(3)]
+    calls = []
+    sample = bundle.sample_prompts
+
+    def poisoned(*args, **kwargs):  # member 1's targets turn infinite at step 31, after its checkpoint at 25
+        xs, ys = sample(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3 * 30 + 2:
+            ys = ys.clone()
+            ys[0, 0] = float("inf")
+        return xs, ys
+
+    monkeypatch.setattr(bundle, "sample_prompts", poisoned)
+    results = train_bundle(cfgs, dirs, progress=False)
+    assert isinstance(results[1], NonFiniteLossError) and results[1].step == 31
+    assert load_checkpoint(dirs[1] / "checkpoint.pt")["step"] == 25  # not overwritten at 50
+    assert len(losses(dirs[1])) == 30  # no row from the non-finite step on
+    for k, cfg in enumerate(cfgs):
+        train(cfg, tmp_path / f"s{k}", progress=False)
+    for k in (0, 2):
+        assert results[k].step == STEPS
+        assert_same_run(dirs[k], tmp_path / f"s{k}")
+
+    monkeypatch.setattr(bundle, "sample_prompts", sample)
+    logged = [LoggedSteps() for _ in dirs]
+    results = train_bundle(cfgs, dirs, resume=True, progress=False, callbacks=[[log] for log in logged])
+    assert [log.steps for log in logged] == [[], list(range(26, STEPS + 1)), []]
+    assert all(r.step == STEPS for r in results)
+    for k, d in enumerate(dirs):
+        assert_same_run(d, tmp_path / f"s{k}")
+
+
 def test_a_bundle_whose_training_members_froze_stops_instead_of_idling_to_the_end(tmp_path, monkeypatch):
     import icl_core.bundle as bundle
 
