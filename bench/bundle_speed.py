@@ -6,6 +6,12 @@ are queued over them one run at a time, the bundled ones split into `workers` bu
 The configs are a sweep file's base config with seeds 0..K-1, trained for `steps` steps; the figure is
 K x steps over the wall time of the whole batch of work. Sizes: the quickstart and the CPU twins' base configs.
 
+Each row also carries the most a bundle could buy (`ceiling`): a bundle shares the per-step cost that does not grow
+with the batch (op dispatch, small kernels, the optimizer's per-tensor work), never the arithmetic on the batch. With
+t the solo step time at the size's batch and f that at batch 1 (both from the difference of runs of 2 x steps and
+steps, so set-up and the final checkpoint drop out), K separate steps cost K t and K bundled ones at least
+K (t - f) + f; f counts some arithmetic too, so the ceiling K t / (K (t - f) + f) is an upper bound.
+
     python -m bench.bundle_speed [--sizes quickstart cpu_twin] [--ks 1 2 4 8 16] [--steps 40]
 """
 
@@ -67,6 +73,23 @@ def _train(task: tuple[str, list[dict]]) -> float:
         return time.perf_counter() - start
 
 
+def step_seconds(size: str, batch: int | None, steps: int, pool) -> float:
+    """Seconds per solo training step at `batch` (None: the size's own), set-up and checkpoint differenced out."""
+    def run(n: int) -> float:
+        cfg = configs(size, 1, n)[0]
+        if batch is not None:
+            cfg = {**cfg, "train": {**cfg["train"], "batch_size": batch}}
+        return min(pool.apply(_train, (("solo", [cfg]),)) for _ in range(2))
+
+    return max(run(2 * steps) - run(steps), 1e-9) / steps
+
+
+def ceiling(per_step: float, fixed: float, k: int) -> float:
+    """The most K bundled members can gain over K separate runs when only the fixed per-step cost is shared."""
+    fixed = min(fixed, per_step)
+    return k * per_step / (k * (per_step - fixed) + fixed)
+
+
 def measure(size: str, k: int, steps: int, pool, workers: int) -> dict:
     """Model-steps/s of K separate runs and of K bundled members on `workers` processes, and their ratio."""
     cfgs = configs(size, k, steps)
@@ -97,12 +120,17 @@ def main(argv: list[str] | None = None) -> dict:
     with mp.get_context("spawn").Pool(args.workers) as pool:
         pool.map(_warm, range(args.workers))
         for size in args.sizes:
+            per_step, fixed = (step_seconds(size, b, args.steps, pool) for b in (None, 1))
+            print(f"{size[:12]:>12} solo step {per_step * 1e3:.1f} ms at its batch, {fixed * 1e3:.1f} ms at batch 1",
+                  flush=True)
             for k in args.ks:
                 row = measure(size, k, args.steps, pool, args.workers)
+                row.update(step_ms=round(per_step * 1e3, 3), batch_1_step_ms=round(fixed * 1e3, 3),
+                           ceiling=round(ceiling(per_step, fixed, k), 3))
                 rows.append(row)
                 sep, bun = row["separate_model_steps_per_s"], row["bundled_model_steps_per_s"]
                 print(f"{size[:12]:>12} K={k:<3} model-steps/s: separate {sep:8.2f}, bundled {bun:8.2f}, "
-                      f"ratio {row['bundled_over_separate']:.2f}", flush=True)
+                      f"ratio {row['bundled_over_separate']:.2f} (ceiling {row['ceiling']:.2f})", flush=True)
     result = {"benchmark": "bundle_speed", "host": platform.node(), "cpus": os.cpu_count(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)

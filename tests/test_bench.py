@@ -15,6 +15,7 @@ from conftest import ROOT, cli_env
 if str(ROOT) not in sys.path:  # `bench` is a top-level folder, not an installed package
     sys.path.insert(0, str(ROOT))
 
+from bench import bundle_speed  # noqa: E402
 from icl_core.model import ICLTransformer, ModelConfig  # noqa: E402
 
 TINY = ModelConfig(dim=5, max_points=11, n_layer=2, n_head=4, n_embd=32)
@@ -251,7 +252,16 @@ def test_bundle_benchmark_times_bundled_against_separate_trials_of_the_same_conf
         for name in ("separate", "bundled"):
             assert row[f"{name}_model_steps_per_s"] == pytest.approx(row["k"] * 2 / row[f"{name}_s"], rel=0.02)
         assert row["bundled_over_separate"] > 0
-    assert "ratio" in r.stdout
+        assert 1 <= row["ceiling"] <= row["k"]
+        assert row["ceiling"] == pytest.approx(bundle_speed.ceiling(row["step_ms"], row["batch_1_step_ms"], row["k"]),
+                                               abs=1e-3)
+    assert "ratio" in r.stdout and "ceiling" in r.stdout
+
+
+def test_bundle_ceiling_shares_only_the_fixed_step_cost():
+    assert bundle_speed.ceiling(1.0, 0.0, 8) == 1.0  # all arithmetic: nothing to share
+    assert bundle_speed.ceiling(1.0, 1.0, 8) == pytest.approx(8.0)  # all fixed cost: K steps for one
+    assert bundle_speed.ceiling(10.0, 1.0, 8) == pytest.approx(80 / 73)
 
 
 def test_device_session_rescales_the_twin_with_its_curriculum_and_decay():
