@@ -63,58 +63,59 @@ def bundle_key(cfg: RunConfig) -> str:
 
 
 class StackedAdamW:
-    """torch's AdamW update on member-stacked parameters, with a learning rate per member and frozen members.
+    """torch's AdamW update on the bundle's (K, P) parameters, with a learning rate per member and frozen members.
 
     Decoupled weight decay applies to matrices only, as `build_optimizer` does for a solo run."""
 
     def __init__(self, model: BundledTransformer, weight_decay: float, betas: tuple[float, float], eps: float = 1e-8):
         self.model, self.weight_decay, self.betas, self.eps = model, weight_decay, betas, eps
-        self.exp_avg = {n: torch.zeros_like(model.stacked(n)) for n in model.names}
-        self.exp_avg_sq = {n: torch.zeros_like(model.stacked(n)) for n in model.names}
-        self.steps = torch.zeros(model.size, device=model.stacked(model.names[0]).device)
+        flat = model.flat
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(flat), torch.zeros_like(flat)
+        self.steps = torch.zeros(model.size, device=flat.device)
+        self.decay = torch.cat([torch.full((b - a,), float(model.stacked(n).dim() >= 3), device=flat.device)
+                                for n, (a, b) in model.spans.items()])  # 1 on a matrix's columns
 
     @torch.no_grad()
-    def step(self, lr: Tensor, active: Tensor) -> None:
-        """One update of every active member; `lr` and `active` have one entry per member."""
+    def step(self, lr: Tensor, active: Tensor, grad: Tensor) -> None:
+        """One update of every active member from `grad` (K, P); `lr` and `active` have one entry per member.
+        Inactive members' rows of `grad` are zeroed (a frozen member's are not finite)."""
         b1, b2 = self.betas
+        p, m, v = self.model.flat, self.exp_avg, self.exp_avg_sq
+        on = active[:, None]
+        grad.masked_fill_(~on, 0.0)
         self.steps += active
         t = self.steps.clamp(min=1.0)
-        step_size = lr / (1 - b1**t)
-        bias2_sqrt = (1 - b2**t).sqrt()
-        for name in self.model.names:
-            p, m, v = self.model.stacked(name), self.exp_avg[name], self.exp_avg_sq[name]
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            on = active.view(shape)
-            g = p.grad
-            m.copy_(torch.where(on, torch.lerp(m, g, 1 - b1), m))
-            v.copy_(torch.where(on, v * b2 + (1 - b2) * g * g, v))
-            update = m / (v.sqrt() / bias2_sqrt.view(shape) + self.eps) * step_size.view(shape)
-            if self.weight_decay and p.dim() >= 3:  # a matrix of each member
-                update = update + p * (lr * self.weight_decay).view(shape)
-            p.sub_(torch.where(on, update, torch.zeros((), device=p.device)))
+        step_size = torch.where(active, lr / (1 - b1**t), 0.0)[:, None]
+        bias2_sqrt = (1 - b2**t).sqrt()[:, None]
+        if self.weight_decay:
+            p.mul_(1 - (torch.where(active, lr, 0.0) * self.weight_decay)[:, None] * self.decay)
+        m.lerp_(grad, torch.where(on, 1 - b1, 0.0))
+        v.mul_(torch.where(on, b2, 1.0)).addcmul_(grad, grad * torch.where(on, 1 - b2, 0.0))
+        p.sub_(m / (v.sqrt() / bias2_sqrt + self.eps) * step_size)
 
     def member_state(self, k: int) -> dict[str, tuple[int, Tensor, Tensor]]:
         """Member k's (step, exp_avg, exp_avg_sq) per parameter name."""
-        s = int(self.steps[k])
-        return {n: (s, self.exp_avg[n][k].clone(), self.exp_avg_sq[n][k].clone()) for n in self.model.names}
+        s, out = int(self.steps[k]), {}
+        for n, (a, b) in self.model.spans.items():
+            shape = self.model.stacked(n).shape[1:]
+            out[n] = (s, self.exp_avg[k, a:b].view(shape).clone(), self.exp_avg_sq[k, a:b].view(shape).clone())
+        return out
 
     @torch.no_grad()
     def load_member(self, k: int, state: dict[str, tuple[int, Tensor, Tensor]]) -> None:
         for n, (s, m, v) in state.items():
+            a, b = self.model.spans[n]
             self.steps[k] = s
-            self.exp_avg[n][k].copy_(m)
-            self.exp_avg_sq[n][k].copy_(v)
+            self.exp_avg[k, a:b].copy_(m.reshape(-1))
+            self.exp_avg_sq[k, a:b].copy_(v.reshape(-1))
 
 
 @torch.no_grad()
-def clip_per_member(model: BundledTransformer, max_norm: Tensor) -> None:
-    """clip_grad_norm_ for each member over its own gradients; a max_norm of 0 leaves that member unclipped."""
-    sq = sum(model.stacked(n).grad.square().flatten(1).sum(1) for n in model.names)
-    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-    coef = torch.where(max_norm > 0, coef, torch.ones_like(coef))
-    for n in model.names:
-        g = model.stacked(n).grad
-        g.mul_(coef.view((-1,) + (1,) * (g.dim() - 1)))
+def clip_per_member(grad: Tensor, max_norm: Tensor) -> None:
+    """clip_grad_norm_ for each member (row of `grad`, K x P) over its own gradients; a max_norm of 0 leaves that
+    member unclipped."""
+    coef = (max_norm / (grad.square().sum(1).sqrt() + 1e-6)).clamp(max=1.0)
+    grad.mul_(torch.where(max_norm > 0, coef, 1.0)[:, None])
 
 
 def _solo_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, tuple]:
@@ -213,14 +214,15 @@ def train_bundle(
             with autocast:
                 pred = model(xs, ys)
             losses = (pred.float() - ys).square().mean(dim=(1, 2))
-            model.zero_grad(set_to_none=True)
             losses.sum().backward()
+            grad = model.flat_grad()
+            model.zero_grad(set_to_none=True)  # the per-parameter grads are in `grad` now: free them
             finite = torch.isfinite(losses.detach())
             first_bad = torch.where(running & ~finite, step + 1, first_bad)
             bad_loss = torch.where(running & ~finite, losses.detach(), bad_loss)
             active &= finite | ~running
-            clip_per_member(model, clip)
-            optimizer.step(torch.tensor(lr, device=device), running & finite)
+            clip_per_member(grad, clip)
+            optimizer.step(torch.tensor(lr, device=device), running & finite, grad)
             step += 1
 
             log_now = step % tc.log_every == 0 or step == 1 or step == tc.steps

@@ -182,7 +182,9 @@ class BundledTransformer(nn.Module):
 
     The same function as each member alone, computed for all at once: every linear layer is one batched matmul
     over the members and attention runs over the merged member x batch axis, so K members cost about the kernels
-    of one. Member k's weights are `stacked(name)[k]` for each name of ICLTransformer's state dict.
+    of one. Member k's weights are `stacked(name)[k]` for each name of ICLTransformer's state dict; all of them
+    are views into one (K, P) tensor `flat`, row k member k's, so that clipping and the optimizer are a few
+    whole-tensor ops rather than a dozen per parameter (on a GPU, a kernel launch each).
     """
 
     def __init__(self, members: list[ICLTransformer]):
@@ -193,12 +195,28 @@ class BundledTransformer(nn.Module):
         self.size = len(members)
         states = [m.state_dict() for m in members]
         self.names = list(states[0])
+        self.flat = torch.cat([torch.stack([s[n].detach().reshape(-1) for s in states]) for n in self.names], 1)
+        self.spans: dict[str, tuple[int, int]] = {}  # name -> its columns of `flat`
+        start = 0
         for name in self.names:
-            self.register_parameter(_slot(name), nn.Parameter(torch.stack([s[name].detach() for s in states])))
+            shape, end = states[0][name].shape, start + states[0][name].numel()
+            self.spans[name] = (start, end)
+            self.register_parameter(_slot(name), nn.Parameter(self.flat[:, start:end].view(self.size, *shape)))
+            start = end
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .float() and the like would give each parameter its own storage, cutting it from `flat`
+        raise NotImplementedError("a bundle stays where its members were built: build them on the device")
 
     def stacked(self, name: str) -> nn.Parameter:
         """The member-stacked tensor of ICLTransformer's parameter `name`."""
         return getattr(self, _slot(name))
+
+    def flat_grad(self) -> Tensor:
+        """Every member's gradients as one (K, P) tensor laid out as `flat` (zeros where a parameter has none)."""
+        grads = [self.stacked(n).grad for n in self.names]
+        return torch.cat([torch.zeros_like(self.stacked(n)).flatten(1) if g is None else g.flatten(1)
+                          for n, g in zip(self.names, grads, strict=True)], 1)
 
     def member_state(self, k: int) -> dict[str, Tensor]:
         """Member k's weights as ICLTransformer's state dict."""

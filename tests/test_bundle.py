@@ -218,3 +218,18 @@ def test_runs_of_different_shapes_do_not_bundle(tmp_path):
     with pytest.raises(ConfigError, match="^bundle: "):
         train_bundle([a, b], [tmp_path / "a", tmp_path / "b"], progress=False)
     assert not (tmp_path / "a").exists()
+
+
+def test_a_bundle_refuses_to_move_its_parameters_off_their_shared_tensor():
+    from icl_core.model import BundledTransformer
+    from icl_core.train import build_model
+
+    cfgs = three_members()
+    bundle = BundledTransformer([build_model(c) for c in cfgs])
+    before = {n: bundle.stacked(n).detach().clone() for n in bundle.names}
+    with torch.no_grad():
+        bundle.flat.add_(1.0)  # the optimizer writes `flat`: every parameter must see it
+    for n in bundle.names:
+        torch.testing.assert_close(bundle.stacked(n).detach(), before[n] + 1.0, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="build them on the device"):
+        bundle.to("cpu")
