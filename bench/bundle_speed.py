@@ -12,7 +12,8 @@ t the solo step time at the size's batch and f that at batch 1 (both from the di
 steps, so set-up and the final checkpoint drop out), K separate steps cost K t and K bundled ones at least
 K (t - f) + f; f counts some arithmetic too, so the ceiling K t / (K (t - f) + f) is an upper bound.
 
-    python -m bench.bundle_speed [--sizes quickstart cpu_twin] [--ks 1 2 4 8 16] [--steps 40]
+    python -m bench.bundle_speed [--sizes quickstart cpu_twin] [--ks 1 2 4 8 16] [--steps 40] \
+        [--ops-size paper] [--ops-ks 1 4]
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {"quickstart": "sweeps/quickstart.yaml", "cpu_twin": "sweeps/mixture_weights_cpu.yaml"}
+SIZES = {"quickstart": "sweeps/quickstart.yaml", "cpu_twin": "sweeps/mixture_weights_cpu.yaml",
+         "paper": "sweeps/mixture_weights.yaml"}
 
 
 def configs(size: str, k: int, steps: int) -> list[dict]:
@@ -73,6 +75,28 @@ def _train(task: tuple[str, list[dict]]) -> float:
         return time.perf_counter() - start
 
 
+def _ops(task: tuple[str, list[dict]]) -> int:
+    """Top-level ATen ops a solo run or a bundle runs, set-up and checkpoints included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _train(task)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+
+
+def ops_per_model_step(size: str, ks: list[int], steps: int, pool) -> dict:
+    """ATen ops per model-step of a solo run and of bundles of K at batch 2: differences of runs of 2 x steps
+    and steps, over K."""
+    def count(kind: str, k: int) -> float:
+        def run(n: int) -> int:
+            cfgs = [{**c, "train": {**c["train"], "batch_size": 2}} for c in configs(size, k, n)]
+            return pool.apply(_ops, ((kind, cfgs),))
+        return (run(2 * steps) - run(steps)) / steps / k
+
+    return {"size": size, "batch": 2, "solo": count("solo", 1),
+            "bundled": {str(k): count("bundle", k) for k in ks}}
+
+
 def step_seconds(size: str, batch: int | None, steps: int, pool) -> float:
     """Seconds per solo training step at `batch` (None: the size's own), set-up and checkpoint differenced out."""
     def run(n: int) -> float:
@@ -113,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--ops-size", default="paper", help="the size whose ops per model-step are counted ('' : none)")
+    ap.add_argument("--ops-ks", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--json", type=Path, default=RESULTS / "bundle-speed.json")
     args = ap.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -131,8 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
                 sep, bun = row["separate_model_steps_per_s"], row["bundled_model_steps_per_s"]
                 print(f"{size[:12]:>12} K={k:<3} model-steps/s: separate {sep:8.2f}, bundled {bun:8.2f}, "
                       f"ratio {row['bundled_over_separate']:.2f} (ceiling {row['ceiling']:.2f})", flush=True)
+        ops = ops_per_model_step(args.ops_size, args.ops_ks, 2, pool) if args.ops_size else None
+    if ops:
+        print(f"{args.ops_size[:12]:>12} ATen ops per model-step: solo {ops['solo']:.0f}, "
+              + ", ".join(f"bundle of {k} {n:.0f}" for k, n in ops["bundled"].items()), flush=True)
     result = {"benchmark": "bundle_speed", "host": platform.node(), "cpus": os.cpu_count(),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+              "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "ops_per_model_step": ops}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -242,12 +242,15 @@ def test_bundle_benchmark_times_bundled_against_separate_trials_of_the_same_conf
                        "train": {"batch_size": 8}})
     r = subprocess.run(
         [sys.executable, "-m", "bench.bundle_speed", "--sizes", tiny, "quickstart", "--ks", "1", "3", "--steps", "2",
-         "--workers", "2", "--json", str(out)],
+         "--workers", "2", "--ops-size", tiny, "--ops-ks", "1", "4", "--json", str(out)],
         cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows, ops = result["rows"], result["ops_per_model_step"]
     assert [(row["k"], row["workers"]) for row in rows] == [(1, 2), (3, 2)] * 2
+    assert set(ops["bundled"]) == {"1", "4"} and ops["solo"] > 0
+    assert ops["bundled"]["4"] < ops["solo"]  # a bundle's ops are shared by its members
     for row in rows:
         for name in ("separate", "bundled"):
             assert row[f"{name}_model_steps_per_s"] == pytest.approx(row["k"] * 2 / row[f"{name}_s"], rel=0.02)
