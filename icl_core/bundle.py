@@ -90,8 +90,9 @@ class StackedAdamW:
         if self.weight_decay:
             p.mul_(1 - (torch.where(active, lr, 0.0) * self.weight_decay)[:, None] * self.decay)
         m.lerp_(grad, torch.where(on, 1 - b1, 0.0))
-        v.mul_(torch.where(on, b2, 1.0)).addcmul_(grad, grad * torch.where(on, 1 - b2, 0.0))
-        p.sub_(m / (v.sqrt() / bias2_sqrt + self.eps) * step_size)
+        v.mul_(torch.where(on, b2, 1.0)).addcmul_(grad, grad, value=1 - b2)  # inactive rows of grad are 0
+        update = v.sqrt().div_(bias2_sqrt).add_(self.eps)  # one (K, P) temporary, reused
+        p.sub_(torch.div(m, update, out=update).mul_(step_size))
 
     def member_state(self, k: int) -> dict[str, tuple[int, Tensor, Tensor]]:
         """Member k's (step, exp_avg, exp_avg_sq) per parameter name."""
@@ -223,6 +224,7 @@ def train_bundle(
             active &= finite | ~running
             clip_per_member(grad, clip)
             optimizer.step(torch.tensor(lr, device=device), running & finite, grad)
+            del grad  # else it lives through the next step's forward and backward
             step += 1
 
             log_now = step % tc.log_every == 0 or step == 1 or step == tc.steps
