@@ -133,7 +133,8 @@ def measure(size: str, k: int, steps: int, pool, workers: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=list(SIZES), help="sweep sizes (or a JSON base config)")
+    ap.add_argument("--sizes", nargs="+", default=["quickstart", "cpu_twin"],
+                    help=f"sweep sizes ({', '.join(SIZES)}) or a JSON base config")
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
