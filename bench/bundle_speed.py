@@ -12,6 +12,11 @@ t the solo step time at the size's batch and f that at batch 1 (both from the di
 steps, so set-up and the final checkpoint drop out), K separate steps cost K t and K bundled ones at least
 K (t - f) + f; f counts some arithmetic too, so the ceiling K t / (K (t - f) + f) is an upper bound.
 
+Where the fixed cost is what a step pays (a GPU launching a kernel per op), what a bundle shares is ops: `ops` counts
+the ATen calls one training step's Python code makes (forward, loss, clipping, optimizer, prompt sampling; not the
+backward's, which autograd makes, one per forward op in either contender), per model-step, of a solo run and of
+bundles of K at paper size and batch 2 (the count does not depend on the batch). A proxy for launches, not a count.
+
     python -m bench.bundle_speed [--sizes quickstart cpu_twin] [--ks 1 2 4 8 16] [--steps 40] \
         [--ops-size paper] [--ops-ks 1 4]
 """
@@ -76,7 +81,7 @@ def _train(task: tuple[str, list[dict]]) -> float:
 
 
 def _ops(task: tuple[str, list[dict]]) -> int:
-    """Top-level ATen ops a solo run or a bundle runs, set-up and checkpoints included."""
+    """ATen calls made from Python (not from inside another ATen op or autograd) by a solo run or a bundle."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
