@@ -14,7 +14,7 @@ K (t - f) + f; f counts some arithmetic too, so the ceiling K t / (K (t - f) + f
 
 Where the fixed cost is what a step pays (a GPU launching a kernel per op), what a bundle shares is ops: `ops` counts
 the ATen calls one training step's Python code makes (forward, loss, clipping, optimizer, prompt sampling; not the
-backward's, which autograd makes, one per forward op in either contender), per model-step, of a solo run and of
+backward's, which autograd makes for each differentiable forward op), per model-step, of a solo run and of
 bundles of K at paper size and batch 2 (the count does not depend on the batch). A proxy for launches, not a count.
 
     python -m bench.bundle_speed [--sizes quickstart cpu_twin] [--ks 1 2 4 8 16] [--steps 40] \
