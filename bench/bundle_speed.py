@@ -89,28 +89,27 @@ def _ops(task: tuple[str, list[dict]]) -> int:
     return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
 
 
-def ops_per_model_step(size: str, ks: list[int], steps: int, pool) -> dict:
-    """ATen ops per model-step of a solo run and of bundles of K at batch 2: differences of runs of 2 x steps
-    and steps, over K."""
-    def count(kind: str, k: int) -> float:
-        def run(n: int) -> int:
-            cfgs = [{**c, "train": {**c["train"], "batch_size": 2}} for c in configs(size, k, n)]
-            return pool.apply(_ops, ((kind, cfgs),))
-        return (run(2 * steps) - run(steps)) / steps / k
+def _per_step(work, size: str, kind: str, k: int, batch: int | None, steps: int, pool, repeats: int = 1) -> float:
+    """`work` (_train or _ops) per step of K configs of `size` at `batch` (None: the size's own): the difference of
+    runs of 2 x steps and steps (the best of `repeats` each), so set-up and the final checkpoint drop out."""
+    def run(n: int) -> float:
+        cfgs = configs(size, k, n)
+        if batch is not None:
+            cfgs = [{**c, "train": {**c["train"], "batch_size": batch}} for c in cfgs]
+        return min(pool.apply(work, ((kind, cfgs),)) for _ in range(repeats))
 
-    return {"size": size, "batch": 2, "solo": count("solo", 1),
-            "bundled": {str(k): count("bundle", k) for k in ks}}
+    return (run(2 * steps) - run(steps)) / steps
+
+
+def ops_per_model_step(size: str, ks: list[int], steps: int, pool) -> dict:
+    """ATen calls per model-step of a solo run and of bundles of K, at batch 2."""
+    return {"size": size, "batch": 2, "solo": _per_step(_ops, size, "solo", 1, 2, steps, pool),
+            "bundled": {str(k): _per_step(_ops, size, "bundle", k, 2, steps, pool) / k for k in ks}}
 
 
 def step_seconds(size: str, batch: int | None, steps: int, pool) -> float:
-    """Seconds per solo training step at `batch` (None: the size's own), set-up and checkpoint differenced out."""
-    def run(n: int) -> float:
-        cfg = configs(size, 1, n)[0]
-        if batch is not None:
-            cfg = {**cfg, "train": {**cfg["train"], "batch_size": batch}}
-        return min(pool.apply(_train, (("solo", [cfg]),)) for _ in range(2))
-
-    return max(run(2 * steps) - run(steps), 1e-9) / steps
+    """Seconds per solo training step at `batch` (None: the size's own)."""
+    return max(_per_step(_train, size, "solo", 1, batch, steps, pool, repeats=2), 1e-9)
 
 
 def ceiling(per_step: float, fixed: float, k: int) -> float:
