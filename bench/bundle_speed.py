@@ -28,6 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -146,6 +147,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ops-ks", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--json", type=Path, default=RESULTS / "bundle-speed.json")
     args = ap.parse_args(argv)
+    for flag, size in [("--sizes", s) for s in args.sizes] + [("--ops-size", args.ops_size)] * bool(args.ops_size):
+        try:
+            ok = size in SIZES or isinstance(json.loads(size), dict)
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            print(f"{flag}: {size!r} is neither a size ({', '.join(SIZES)}) nor a JSON base config", file=sys.stderr)
+            raise SystemExit(2)
     os.environ["OMP_NUM_THREADS"] = "1"
     rows = []
     with mp.get_context("spawn").Pool(args.workers) as pool:

@@ -261,6 +261,16 @@ def test_bundle_benchmark_times_bundled_against_separate_trials_of_the_same_conf
     assert "ratio" in r.stdout and "ceiling" in r.stdout
 
 
+@pytest.mark.parametrize("flag", ["--sizes", "--ops-size"])
+def test_bundle_benchmark_names_an_unknown_size_and_exits_2(tmp_path, flag):
+    cmd = [sys.executable, "-m", "bench.bundle_speed", flag, "quikstart", "--json", str(tmp_path / "b.json")]
+    r = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"{flag}: 'quikstart' is neither a size (quickstart, cpu_twin, paper) "
+                                             "nor a JSON base config"]
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_bundle_ceiling_shares_only_the_fixed_step_cost():
     assert bundle_speed.ceiling(1.0, 0.0, 8) == 1.0  # all arithmetic: nothing to share
     assert bundle_speed.ceiling(1.0, 1.0, 8) == pytest.approx(8.0)  # all fixed cost: K steps for one
